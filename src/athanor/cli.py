@@ -1,0 +1,161 @@
+"""The `athanor` command: one subcommand per stage. Thin: parse arguments, then call the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from athanor.errors import AthanorError
+
+OVERRIDES_HELP = """\
+Settings come from the recipe's defaults, then the YAML file given with --recipe, then
+--section.key=value overrides, e.g. --train.max_steps=200 --model.hidden_size=512
+--data.paths=notes/*.md. Sections: tokenizer, data, model, train (see recipes/ for every key).
+An unknown key is an error."""
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", metavar="FILE", help="YAML recipe to start from (see recipes/)")
+    p.add_argument("--out", metavar="DIR", help="run directory to write (same as --out_dir=DIR)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], default_out: str):
+    from athanor.config import load_recipe
+    from athanor.train.pretrain import PretrainRecipe
+
+    recipe = load_recipe(PretrainRecipe, args.recipe, overrides)
+    if args.out:
+        recipe.out_dir = args.out
+    elif recipe.out_dir == PretrainRecipe().out_dir:  # not set by the recipe file or an override
+        recipe.out_dir = default_out
+    return recipe
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.data.corpus import DataConfig, describe, is_held_out, iter_documents
+    from athanor.tokenizer import Tokenizer, TokenizerConfig
+
+    data = load_recipe(DataConfig, None, [f"--paths={','.join(args.data)}"] if args.data else [])
+    cfg = TokenizerConfig(vocab_size=args.vocab_size, max_train_chars=args.max_chars)
+    docs = (d.text for d in iter_documents(data) if not is_held_out(d.id, data.val_fraction))
+    tok = Tokenizer.train(docs, cfg, show_progress=not args.quiet)
+    tok.save(args.out)
+    print(f"trained a {tok.vocab_size}-token byte-level BPE on {describe(data)} -> {Path(args.out) / 'tokenizer.json'}")
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.train.pretrain import pretrain
+
+    recipe = _load_pretrain_recipe(args, overrides, "runs/pretrain")
+    result = pretrain(recipe, show_progress=not args.quiet)
+    print(f"done: held-out loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte "
+          f"(unigram baseline {result['unigram_bpb']:.3f}) -> {recipe.out_dir}")
+
+
+def cmd_speedrun(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.speedrun import speedrun
+
+    recipe = _load_pretrain_recipe(args, overrides, "runs/speedrun")
+    report = speedrun(recipe, show_progress=not args.quiet)
+    print(f"report: {report}")
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    import torch
+
+    from athanor.model.hf import load_pretrained
+    from athanor.serve.generate import generate
+    from athanor.tokenizer import Tokenizer
+
+    model = load_pretrained(args.run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    tok = Tokenizer.load(args.run_dir)
+    prompt_ids = [tok.bos_id, *tok.encode(args.prompt)]
+    for i in range(args.num_samples):
+        ids = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       seed=None if args.seed is None else args.seed + i, stop_ids=[tok.bos_id, tok.eos_id])
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tok.decode(ids))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="athanor",
+        description="The whole life of a language model: tokenizer, pre-training, generation. "
+                    "Start with `athanor speedrun`: it runs every stage on the embedded default corpus "
+                    "(the Python standard library) and writes a report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("speedrun", help="run every stage end to end on the embedded default and write report.md",
+                       description="Train a tokenizer and a small Llama-style model on the Python standard "
+                                   "library, evaluate it on held-out files against a unigram baseline, sample "
+                                   "from it, and write runs/speedrun/report.md. About 5 minutes on 2 CPU cores. "
+                                   "A run directory that already holds checkpoints is resumed.\n\n" + OVERRIDES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_speedrun)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                         description="Tokenizer commands.")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    p = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json",
+                           description="Train a GPT-2 style byte-level BPE on text (the Python stdlib by "
+                                       "default) and save tokenizer.json + tokenizer_config.json (with the chat "
+                                       "template) into --out, loadable by transformers' AutoTokenizer.")
+    p.add_argument("--data", nargs="*", metavar="PATH", help="text files, directories, globs, .jsonl or .parquet")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary (default 4096)")
+    p.add_argument("--max-chars", type=int, default=6_000_000, help="characters of text to learn merges from")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the tokenizer into")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("pretrain", help="pre-train a model on next-token prediction",
+                       description="Pre-train a Llama-style model: tokenizer (trained unless "
+                                   "tokenizer_path is set), token shards, the training loop with checkpoints, "
+                                   "then held-out loss and bits per byte. Re-running on the same --out resumes "
+                                   "from the newest checkpoint. Under `torchrun --nproc_per_node=N` it trains "
+                                   "data-parallel (--train.parallel=fsdp to shard).\n\n" + OVERRIDES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="sample text from a trained run directory",
+                       description="Continue a prompt with a model from a run directory (or any Llama/Qwen2 "
+                                   "checkpoint in the Hugging Face layout).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample only from the k likeliest tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (recipe overrides look like --train.lr=3e-4)")
+    try:
+        args.func(args, extra)
+    except AthanorError as e:
+        print(f"athanor: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("athanor: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

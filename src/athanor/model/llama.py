@@ -1,0 +1,264 @@
+"""A Llama-family decoder, readable top to bottom.
+
+The architecture of Llama (Touvron et al., 2023) and its relatives (Qwen2 adds q/k/v biases):
+pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> residual,
+RMSNorm -> SwiGLU MLP -> residual; a final RMSNorm and a (possibly tied) output head.
+
+Module and parameter names mirror transformers' `LlamaForCausalLM` exactly
+(`model.layers.N.self_attn.q_proj.weight`, ...), so a state dict moves between the two
+without renaming, and the config's field names are those of `LlamaConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from athanor.model.linear_ce import linear_cross_entropy
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the model; field names follow transformers' `LlamaConfig` / `Qwen2Config`."""
+
+    model_type: Literal["llama", "qwen2"] = "llama"
+    vocab_size: int = 4096
+    hidden_size: int = 256  # a multiple of 256 keeps every row K-quant friendly
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # < num_attention_heads: grouped-query attention (Ainslie et al., 2023)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Llama's flag: biases on q, k, v and o
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type == "qwen2"
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type == "llama"
+
+    def validate(self) -> None:
+        from athanor.errors import AthanorError
+
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise AthanorError("num_attention_heads must be a multiple of num_key_value_heads",
+                               field="model.num_key_value_heads")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise AthanorError("hidden_size must be a multiple of num_attention_heads",
+                               field="model.hidden_size")
+        if self.dim_per_head % 2:
+            raise AthanorError("the head dimension must be even for rotary embeddings", field="model.head_dim")
+
+    def num_parameters(self) -> int:
+        d, h = self.hidden_size, self.dim_per_head
+        attn = d * h * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
+        attn += (self.num_attention_heads + 2 * self.num_key_value_heads) * h * self.qkv_bias + d * self.o_bias
+        mlp = 3 * d * self.intermediate_size
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * (attn + mlp + 2 * d) + emb + d
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (batch, kv_heads, max_len, head_dim) each."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.dim_per_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions [start, start+T) and return all keys/values up to start+T."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of position * inverse frequency (Su et al., 2021, RoFormer), shape (max_pos, head_dim).
+
+    Laid out for the "rotate half" convention that transformers uses: the first half of a head's
+    dimensions pairs with the second half. (llama.cpp pairs adjacent dimensions instead; GGUF
+    export permutes q/k rows to match.)
+    """
+    hd = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    pos = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019): no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 even under bf16 autocast, as Llama does, then cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, start_pos)
+        # Grouped-query attention: each group of n_heads / n_kv query heads shares one k/v head.
+        # Causal without a cache (or a fresh one); an explicit mask when new tokens see a cached prefix.
+        causal = mask is None and k.shape[2] == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, the decoder layers and the final norm: transformers' `LlamaModel`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """The causal LM: `forward(input_ids) -> logits` of shape (batch, time, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights, zero biases; residual output projections scaled by
+        1/sqrt(2 * layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        cos, sin = rope_tables(self.config, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for `input_ids` placed at positions [start_pos, start_pos + T).
+
+        `cache` holds keys/values of earlier positions (and receives the new ones).
+        `attention_mask` (bool, True = may attend, broadcastable to (B, heads, T, start_pos + T))
+        overrides the default causal mask, e.g. to keep packed documents apart.
+        With `targets` (B, T; -100 = ignore) it returns instead the *summed* next-token
+        cross-entropy, computed without materializing the logits (see linear_ce.py).
+        """
+        T = input_ids.shape[1]
+        if start_pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_position_embeddings "
+                             f"= {self.config.max_position_embeddings}")
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        mask = attention_mask
+        if mask is None and start_pos > 0 and T > 1:
+            # New tokens see the whole cached prefix and, causally, each other.
+            i = torch.arange(T, device=input_ids.device)[:, None]
+            j = torch.arange(start_pos + T, device=input_ids.device)[None, :]
+            mask = j <= start_pos + i
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start_pos, cache, mask)
+        x = self.model.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+        return self.lm_head(x)

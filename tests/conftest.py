@@ -1,0 +1,61 @@
+"""Shared fixtures: a small real corpus (a slice of the stdlib), a tokenizer trained on it, tiny recipes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach for the Hugging Face hub from tests (a lookup retries for ~48 s offline).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from athanor.data.corpus import DataConfig, iter_documents  # noqa: E402
+from athanor.model.llama import ModelConfig  # noqa: E402
+from athanor.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+from athanor.train.loop import TrainConfig  # noqa: E402
+from athanor.train.pretrain import PretrainRecipe  # noqa: E402
+
+SMALL_CORPUS = DataConfig(max_chars=400_000)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = Tokenizer.train((d.text for d in iter_documents(SMALL_CORPUS)),
+                          TokenizerConfig(vocab_size=512, max_train_chars=400_000), show_progress=False)
+    tok.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    return Tokenizer.load(tokenizer_dir)
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_recipe(out_dir: Path, tokenizer_dir: Path, **train_kw) -> PretrainRecipe:
+    train = dict(max_steps=20, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=0,
+                 eval_tokens=2048, ckpt_every=10, log_every=5)
+    train.update(train_kw)
+    return PretrainRecipe(out_dir=str(out_dir), tokenizer_path=str(tokenizer_dir), data=SMALL_CORPUS,
+                          model=tiny_model_config(), train=TrainConfig(**train))
+
+
+def recipe_overrides(tokenizer_dir: Path, **train_kw) -> list[str]:
+    """The same tiny recipe as command-line overrides, for tests that run the real CLI."""
+    r = tiny_recipe(Path("unused"), tokenizer_dir, **train_kw)
+    out = [f"--tokenizer_path={tokenizer_dir}", f"--data.max_chars={SMALL_CORPUS.max_chars}"]
+    for section in ("model", "train"):
+        for k, v in vars(getattr(r, section)).items():
+            if v is not None:
+                out.append(f"--{section}.{k}={v}")
+    return out

@@ -1,0 +1,60 @@
+import pytest
+
+from athanor.tokenizer import CHAT_TEMPLATE, Tokenizer
+
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "def six():\n    return 6"},
+]
+
+
+def test_roundtrip_any_bytes(tokenizer: Tokenizer) -> None:
+    for text in ["def f(x):\n    return x  # ünïcödé ✓", "\t\n  ", "🙂 emoji and \x00 nul"]:
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_special_tokens_are_single_ids(tokenizer: Tokenizer) -> None:
+    assert tokenizer.encode("<|user|>hi<|end|>")[0] == tokenizer.role_ids["user"]
+    assert tokenizer.encode("<|user|>hi<|end|>")[-1] == tokenizer.end_id
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[tokenizer.bos_id] == 0 and sum(lengths) > tokenizer.vocab_size
+
+
+def test_render_chat_matches_template_string(tokenizer: Tokenizer) -> None:
+    from jinja2 import Template
+
+    text = Template(CHAT_TEMPLATE).render(messages=CHAT, bos_token="<|bos|>", add_generation_prompt=False)
+    ids, mask = tokenizer.render_chat(CHAT)
+    assert ids == tokenizer.encode(text)
+    assert len(mask) == len(ids)
+
+
+def test_loss_mask_covers_exactly_assistant_replies(tokenizer: Tokenizer) -> None:
+    ids, mask = tokenizer.render_chat(CHAT)
+    learned = [i for i, m in zip(ids, mask, strict=True) if m]
+    expected = tokenizer.encode("4") + [tokenizer.end_id] + tokenizer.encode("def six():\n    return 6") + \
+        [tokenizer.end_id]
+    assert learned == expected
+
+
+def test_generation_prompt_and_bad_role(tokenizer: Tokenizer) -> None:
+    ids, mask = tokenizer.render_chat(CHAT[:2], add_generation_prompt=True)
+    assert ids[-1] == tokenizer.role_ids["assistant"] and sum(mask) == 0
+    from athanor.errors import AthanorError
+
+    with pytest.raises(AthanorError, match="role"):
+        tokenizer.render_chat([{"role": "robot", "content": "x"}])
+
+
+@pytest.mark.ref
+def test_transformers_loads_tokenizer_and_template(tokenizer_dir, tokenizer: Tokenizer) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = "import os\nprint(os.getcwd())  # ✓"
+    assert hf(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)
+    assert hf.bos_token == "<|bos|>" and hf.eos_token == "<|eos|>"
+    rendered = hf.apply_chat_template(CHAT, tokenize=False)
+    assert hf(rendered, add_special_tokens=False)["input_ids"] == tokenizer.render_chat(CHAT)[0]
