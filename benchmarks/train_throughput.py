@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (the same for each)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
@@ -50,22 +52,28 @@ def main() -> None:
     theirs = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
     theirs.load_state_dict(ours.state_dict(), strict=False)
     theirs.tie_weights()
+    ours.to(args.device)
+    theirs.to(args.device)
     tcfg = TrainConfig()
     opt_ours, opt_theirs = make_optimizer(ours, tcfg), make_optimizer(theirs, tcfg)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     inputs, targets = x[:, :-1], x[:, 1:]
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    device_type = torch.device(args.device).type
+    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    run_ours = torch.compile(ours) if args.compile else ours
+    run_theirs = torch.compile(theirs) if args.compile else theirs
 
     def step_ours() -> None:
         with amp:
-            loss = ours(inputs, targets=targets) / targets.numel()
+            loss = run_ours(inputs, targets=targets) / targets.numel()
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
     def step_theirs() -> None:
         with amp:
-            logits = theirs(input_ids=inputs).logits
+            logits = run_theirs(input_ids=inputs).logits
         loss = F.cross_entropy(logits.float().view(-1, args.vocab), targets.reshape(-1))
         loss.backward()
         opt_theirs.step()
@@ -75,6 +83,8 @@ def main() -> None:
         t = time.perf_counter()
         for _ in range(args.steps):
             step()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
         return args.batch * args.seq * args.steps / (time.perf_counter() - t)
 
     for step in (step_ours, step_theirs):  # warm-up: allocator, kernels, autocast caches
@@ -86,7 +96,8 @@ def main() -> None:
         rates["transformers"].append(timed(step_theirs))
     a, t = statistics.median(rates["athanor"]), statistics.median(rates["transformers"])
     print(f"model {cfg.num_parameters() / 1e6:.1f}M params, batch {args.batch}x{args.seq}, {args.dtype}, "
-          f"{args.threads} threads, median of {args.rounds} rounds x {args.steps} steps")
+          f"{args.device}, {args.threads} threads, {'compiled' if args.compile else 'eager'}, "
+          f"median of {args.rounds} rounds x {args.steps} steps")
     print(f"athanor       {a:10,.0f} tokens/s")
     print(f"transformers  {t:10,.0f} tokens/s")
     print(f"ratio         {a / t:10.2f}x")

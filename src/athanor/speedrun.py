@@ -1,7 +1,8 @@
 """`athanor speedrun`: every stage that exists, end to end on the embedded default, with a report.
 
-Stages so far: tokenizer -> token shards -> pre-training -> held-out evaluation -> samples.
-Each later stage adds itself here and a section to `report.md`.
+Pre-training (tokenizer -> shards -> model -> held-out eval) runs first; then each entry of
+`STAGES` in order. A stage takes the `Context` and returns a `Section` of the report, so a new
+capability joins the speedrun by appending one function here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +26,70 @@ from athanor.serve.generate import generate
 from athanor.tokenizer import Tokenizer
 from athanor.train.pretrain import PretrainRecipe, pretrain
 
+
+@dataclass
+class Context:
+    """What the stages after pre-training get: the recipe, the run directory, the results so far."""
+
+    recipe: PretrainRecipe
+    run_dir: Path
+    pretrain: dict[str, Any]
+    show_progress: bool = True
+    results: dict[str, Any] = field(default_factory=dict)  # stages may leave numbers for later ones
+
+
+@dataclass
+class Section:
+    title: str
+    markdown: str
+    seconds: float = 0.0
+
+
 SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", '    """Return the ']
+
+
+def samples_stage(ctx: Context) -> Section:
+    model = load_pretrained(ctx.run_dir)
+    tok = Tokenizer.load(ctx.run_dir)
+    blocks = []
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        ids = generate(model, [tok.bos_id, *tok.encode(prompt)], 96, temperature=0.8, top_k=50, seed=i,
+                       stop_ids=[tok.bos_id, tok.eos_id])
+        blocks += ["```python", prompt + tok.decode(ids), "```", ""]
+    return Section("Samples (temperature 0.8, top-k 50)", "\n".join(blocks))
+
+
+STAGES: list[Callable[[Context], Section]] = [samples_stage]
 
 
 def speedrun(recipe: PretrainRecipe, show_progress: bool = True) -> Path:
     """Run every stage and write `report.md` into `recipe.out_dir`; returns the report's path."""
     started = time.perf_counter()
     result = pretrain(recipe, show_progress=show_progress)
-    out = Path(recipe.out_dir)
-    model = load_pretrained(out)
-    tok = Tokenizer.load(out)
-    samples = []
-    for i, prompt in enumerate(SAMPLE_PROMPTS):
-        ids = generate(model, [tok.bos_id, *tok.encode(prompt)], 96, temperature=0.8, top_k=50, seed=i,
-                       stop_ids=[tok.bos_id, tok.eos_id])
-        samples.append((prompt, tok.decode(ids)))
-    total = time.perf_counter() - started
-    report = render_report(recipe, result, samples, total)
-    atomic_write_text(out / "report.md", report)
-    return out / "report.md"
+    ctx = Context(recipe, Path(recipe.out_dir), result, show_progress)
+    sections = []
+    for stage in STAGES:
+        t = time.perf_counter()
+        section = stage(ctx)
+        section.seconds = time.perf_counter() - t
+        sections.append(section)
+    report = render_report(ctx, sections, time.perf_counter() - started)
+    atomic_write_text(ctx.run_dir / "report.md", report)
+    return ctx.run_dir / "report.md"
 
 
-def render_report(recipe: PretrainRecipe, result: dict[str, Any], samples: list[tuple[str, str]],
-                  total_s: float) -> str:
+def render_report(ctx: Context, sections: list[Section], total_s: float) -> str:
+    result = ctx.pretrain
     ratio = result["val_bpb"] / result["unigram_bpb"]
-    meta = json.loads((Path(recipe.out_dir) / "data" / "meta.json").read_text())
+    meta = json.loads((ctx.run_dir / "data" / "meta.json").read_text())
+    timings = [
+        {"stage": "tokenizer (byte-level BPE)", "seconds": result.get("tokenizer_s", "reused")},
+        {"stage": f"token shards ({meta['tokens']['train']:,} train / {meta['tokens']['val']:,} held-out tokens)",
+         "seconds": result.get("shards_s", "reused")},
+        {"stage": f"pre-training ({result['steps']} steps, {result['tokens_seen']:,} tokens)",
+         "seconds": result["train_s"]},
+        *({"stage": s.title, "seconds": round(s.seconds, 2)} for s in sections),
+    ]
     lines = [
         "# athanor speedrun report",
         "",
@@ -68,22 +110,14 @@ def render_report(recipe: PretrainRecipe, result: dict[str, Any], samples: list[
         "",
         "## Stages and timings",
         "",
-        markdown_table([
-            {"stage": "tokenizer (byte-level BPE)", "seconds": result.get("tokenizer_s", "reused")},
-            {"stage": f"token shards ({meta['tokens']['train']:,} train / {meta['tokens']['val']:,} "
-                      f"held-out tokens)", "seconds": result.get("shards_s", "reused")},
-            {"stage": f"pre-training ({result['steps']} steps, {result['tokens_seen']:,} tokens)",
-             "seconds": result["train_s"]},
-        ]),
+        markdown_table(timings),
         "",
         "## Loss curve",
         "",
         "![loss curve](loss.png)",
         "",
-        "## Samples (temperature 0.8, top-k 50)",
-        "",
     ]
-    for prompt, text in samples:
-        lines += ["```python", prompt + text, "```", ""]
-    lines += ["## Settings", "", "```yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False).rstrip(), "```", ""]
+    for s in sections:
+        lines += [f"## {s.title}", "", s.markdown.rstrip(), ""]
+    lines += ["## Settings", "", "```yaml", yaml.safe_dump(to_dict(ctx.recipe), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -36,11 +36,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, tgt, -valid[:, None].to(probs.dtype))
                 if not bool(valid.all()):
                     probs.mul_(valid[:, None])
-                g = probs.to(hidden.dtype)
+                g = probs.to(hidden.dtype)  # matmuls in the compute dtype (bf16 under autocast)
                 if need_h:
                     torch.mm(g, weight.to(g.dtype), out=grad_h[s:s + chunk])
                 if need_w:
-                    grad_w.addmm_(g.t().float(), h.float())
+                    grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -53,9 +53,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 1024) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Sum over rows of cross_entropy(hidden @ weight.T, targets), ignoring targets == -100.
 
     `hidden` is (N, d), `weight` (vocab, d), `targets` (N,). Returns a float32 scalar.
+    `chunk` rows at a time; by default about 4M logits on CPU (cache-sized, measured fastest
+    here) and 128M on GPUs (where fewer, larger kernels win).
     """
+    if chunk is None:
+        budget = 2**22 if hidden.device.type == "cpu" else 2**27
+        chunk = max(256, budget // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)

@@ -179,6 +179,8 @@ class Trainer:
         self.forward_model = torch.compile(self.wrapped) if cfg.compile else self.wrapped
         self.optimizer = make_optimizer(self.wrapped, cfg)
         self.amp_dtype = autocast_dtype(cfg, info.device)
+        if info.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever stays fp32 on Ampere+
         self.ckpts = Checkpoints(self.run_dir, cfg.keep_checkpoints)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.show_progress = show_progress and info.is_main
