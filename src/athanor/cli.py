@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from athanor.errors import AthanorError
+
+if TYPE_CHECKING:
+    from athanor.train.pretrain import PretrainRecipe
 
 OVERRIDES_HELP = """\
 Settings come from the recipe's defaults, then the YAML file given with --recipe, then
@@ -21,7 +25,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], default_out: str):
+def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], default_out: str) -> PretrainRecipe:
     from athanor.config import load_recipe
     from athanor.train.pretrain import PretrainRecipe
 

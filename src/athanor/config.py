@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from athanor.errors import AthanorError
+from athanor.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -149,6 +150,4 @@ def load_recipe(cls: type[T], recipe: str | Path | None, overrides: list[str]) -
     return from_dict(cls, merge(data, parse_overrides(overrides)), source="--override")
 
 def save_yaml(obj: Any, path: str | Path) -> None:
-    from athanor.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(obj), sort_keys=False))

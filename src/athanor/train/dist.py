@@ -52,8 +52,10 @@ def setup(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev
-                                if dev.type == "cuda" else None)
+        if dev.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank, world, local_rank, dev)
 
 
