@@ -83,6 +83,30 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         print(args.prompt + tok.decode(ids))
 
 
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.serve.server import serve
+
+    if args.command == "demo":
+        print(f"athanor: open http://{args.host}:{args.port}/ in a browser (?embed=1 for the compact view)")
+    serve(args.run_dir, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+          frame_ancestors=args.frame_ancestors)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (KV cache slots)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--frame-ancestors", default="*",
+                   help="CSP frame-ancestors: who may embed the demo page in an iframe "
+                        "(default '*': anyone; \"'self'\" for this origin only)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
@@ -137,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and the demo page)",
+                       description="Start an HTTP server for a run directory: /v1/completions, "
+                                   "/v1/chat/completions (streaming, logprobs, n, stop, seed), /v1/models, "
+                                   "/health, /metrics (Prometheus) and the next-token demo page at /. Requests "
+                                   "are batched continuously; shared prompt prefixes reuse their KV cache.")
+    _add_serve_args(p)
+    p = sub.add_parser("demo", help="the next-token demo page: watch the distribution as you type",
+                       description="Serve the interactive next-token page (and the API) for a run directory; "
+                                   "open the printed address in a browser. Add ?embed=1 for a compact view "
+                                   "to put in an iframe.")
+    _add_serve_args(p)
     return parser
 
 
