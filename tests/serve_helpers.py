@@ -1,4 +1,4 @@
-"""A real `athanor serve` process on a loopback port, over a tiny run directory built for the test."""
+"""Serving test helpers: naive reference generation; a real `athanor serve` on a loopback port."""
 
 from __future__ import annotations
 
@@ -13,12 +13,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_model_config
 
 from athanor.model.hf import save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run many small forwards: one thread avoids spin-waiting on a busy 2-core machine
+    (measured here: 2.5 ms vs 77 ms per speculative call at load 8)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def naive_greedy(model: LlamaModel, prompt: list[int], n: int) -> list[int]:
+    """The reference: recompute the whole sequence for every new token, take the argmax."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
 
 
 def make_run_dir(out: Path, tokenizer_dir: Path, **config) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model_config
+from serve_helpers import naive_greedy, one_thread  # noqa: F401 (autouse fixture)
 
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
@@ -19,14 +20,6 @@ def model() -> LlamaModel:
     torch.manual_seed(0)
     # A wide init makes distributions peaked, so greedy choices are far from ties.
     return LlamaModel(tiny_model_config(initializer_range=0.25, max_position_embeddings=64)).eval()
-
-
-@torch.no_grad()
-def naive_greedy(model: LlamaModel, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_per_row_positions_match_separate_forwards(model: LlamaModel) -> None:
