@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -192,3 +194,11 @@ def test_load_with_dropped_streams(server: str) -> None:
     m = get_text(server + "/metrics")[0]
     assert metric(m, "athanor_requests_finished_total") == metric(m, "athanor_requests_total")
     assert metric(m, "athanor_requests_cancelled_total") > before  # the dropped streams were noticed
+
+
+def test_terminal_chat_streams_answers(run_dir: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "athanor", "chat", str(run_dir), "--max-tokens", "8", "--seed", "1",
+                        "--system", "Be brief."], input="hello\n/reset\nagain\n/quit\n", capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("assistant> ") == 2 and "/reset" in r.stdout  # the help line

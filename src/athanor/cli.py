@@ -94,6 +94,15 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
           frame_ancestors=args.frame_ancestors)
 
 
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.serve.chat import chat
+
+    chat(args.run_dir, system=args.system, temperature=args.temperature, top_p=args.top_p,
+         max_tokens=args.max_tokens, seed=args.seed)
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--host", default="127.0.0.1",
@@ -173,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "open the printed address in a browser. Add ?embed=1 for a compact view "
                                    "to put in an iframe.")
     _add_serve_args(p)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed as they are generated",
+                       description="A terminal chat with a run directory's model, using its chat template. "
+                                   "/reset forgets the conversation, /quit or Ctrl-D leaves.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 = off (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable answers")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 
