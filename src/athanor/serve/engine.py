@@ -251,7 +251,9 @@ class Engine:
         t0 = time.perf_counter()
         reqs = [self.slot_req[s] for s in rows]
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
-        start = torch.tensor([len(self.slot_tokens[s]) for s in rows], device=self.device)
+        lengths = [len(self.slot_tokens[s]) for s in rows]
+        # Rows at one position (always so at batch 1) take the model's cheaper shared-position path.
+        start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
         logits = self.model(ids, start, self.cache.select(rows))[:, -1]
         for s, req, row in zip(rows, reqs, logits, strict=True):
             self.slot_tokens[s].append(req.output_ids[-1])
