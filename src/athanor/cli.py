@@ -88,6 +88,10 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
     from athanor.serve.server import serve
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.command == "demo":
         print(f"athanor: open http://{args.host}:{args.port}/ in a browser (?embed=1 for the compact view)")
     serve(args.run_dir, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
@@ -109,6 +113,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (KV cache slots)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
+                        "on a busy machine)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--frame-ancestors", default="*",
                    help="CSP frame-ancestors: who may embed the demo page in an iframe "
