@@ -17,7 +17,8 @@ def test_short_speedrun_writes_a_report_that_beats_unigram(tmp_path: Path) -> No
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for heading in ["## Held-out result", "## Stages and timings", "## Loss curve", "## Samples", "## Settings"]:
+    for heading in ["## Held-out result", "## Stages and timings", "## Loss curve", "## Samples", "## Serving",
+                    "## Settings"]:
         assert heading in report
     result = json.loads((out / "eval.json").read_text())
     assert result["val_bpb"] < 0.9 * result["unigram_bpb"]

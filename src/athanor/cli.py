@@ -87,6 +87,46 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         print(args.prompt + tok.decode(ids))
 
 
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.serve.server import serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command == "demo":
+        print(f"athanor: open http://{args.host}:{args.port}/ in a browser (?embed=1 for the compact view)")
+    serve(args.run_dir, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+          frame_ancestors=args.frame_ancestors)
+
+
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.serve.chat import chat
+
+    chat(args.run_dir, system=args.system, temperature=args.temperature, top_p=args.top_p,
+         max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (KV cache slots)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
+                        "on a busy machine)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--frame-ancestors", default="*",
+                   help="CSP frame-ancestors: who may embed the demo page in an iframe "
+                        "(default '*': anyone; \"'self'\" for this origin only)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
@@ -141,6 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and the demo page)",
+                       description="Start an HTTP server for a run directory: /v1/completions, "
+                                   "/v1/chat/completions (streaming, logprobs, n, stop, seed), /v1/models, "
+                                   "/health, /metrics (Prometheus) and the next-token demo page at /. Requests "
+                                   "are batched continuously; shared prompt prefixes reuse their KV cache.")
+    _add_serve_args(p)
+    p = sub.add_parser("demo", help="the next-token demo page: watch the distribution as you type",
+                       description="Serve the interactive next-token page (and the API) for a run directory; "
+                                   "open the printed address in a browser. Add ?embed=1 for a compact view "
+                                   "to put in an iframe.")
+    _add_serve_args(p)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed as they are generated",
+                       description="A terminal chat with a run directory's model, using its chat template. "
+                                   "/reset forgets the conversation, /quit or Ctrl-D leaves.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 = off (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable answers")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

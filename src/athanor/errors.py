@@ -14,6 +14,7 @@ class AthanorError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
                  field: str | None = None) -> None:
+        self.path, self.line, self.field = path, line, field  # for callers that report them apart (HTTP)
         where = ""
         if path is not None:
             where = str(path)

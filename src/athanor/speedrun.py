@@ -23,6 +23,7 @@ from athanor.io import atomic_write_text
 from athanor.model.hf import load_pretrained
 from athanor.report import markdown_table
 from athanor.serve.generate import generate
+from athanor.serve.stage import serving_stage
 from athanor.tokenizer import Tokenizer
 from athanor.train.pretrain import PretrainRecipe, pretrain
 
@@ -60,6 +61,7 @@ def samples_stage(ctx: Context) -> Section:
 
 
 STAGES: list[Callable[[Context], Section]] = [samples_stage]
+STAGES.append(serving_stage)
 
 
 def speedrun(recipe: PretrainRecipe, show_progress: bool = True) -> Path:

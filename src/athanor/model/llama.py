@@ -78,7 +78,11 @@ class ModelConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (batch, kv_heads, max_len, head_dim) each."""
+    """Preallocated keys and values for every layer: (batch, kv_heads, max_len, head_dim) each.
+
+    `select(rows)` gives a view on some of the batch rows (an engine's active slots) that writes
+    into the same storage, so requests can join and leave a running batch without copies.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -86,15 +90,41 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.rows: slice | torch.Tensor = slice(None)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions [start, start+T) and return all keys/values up to start+T."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def select(self, rows: list[int]) -> KVCache:
+        """A view on batch rows `rows` (a contiguous run is sliced; anything else is gathered)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k, self.v, self.max_len
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+        view.rows = slice(rows[0], rows[0] + len(rows)) if contiguous and rows else \
+            torch.tensor(rows, device=self.k.device)
+        return view
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions [start, start+T) and return all keys/values up to start+T.
+
+        `start` is one int for the whole batch, or a (batch,) tensor of per-row starts; then the
+        returned keys reach max(start)+T and the caller masks each row's unwritten tail.
+        """
+        T = k.shape[2]
+        if isinstance(start, int):
+            end = start + T
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+            self.k[layer, self.rows, :, start:end] = k
+            self.v[layer, self.rows, :, start:end] = v
+        else:
+            end = int(start.max()) + T
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+            pos = start[:, None] + torch.arange(T, device=start.device)  # (B, T)
+            rows = torch.arange(self.k.shape[1], device=pos.device)[self.rows]
+            # Advanced indices on the batch and time axes put (B, T) first: (B, T, kv_heads, head_dim).
+            self.k[layer][rows[:, None], :, pos] = k.transpose(1, 2)
+            self.v[layer][rows[:, None], :, pos] = v.transpose(1, 2)
+        return self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]
 
 
 def rope_tables(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +175,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=config.o_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
@@ -184,7 +214,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -233,10 +263,12 @@ class LlamaModel(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `input_ids` placed at positions [start_pos, start_pos + T).
 
+        `start_pos` is an int, or a (B,) tensor giving each row its own start (rows of a batch
+        at different lengths, as an inference engine decodes them).
         `cache` holds keys/values of earlier positions (and receives the new ones).
         `attention_mask` (bool, True = may attend, broadcastable to (B, heads, T, start_pos + T))
         overrides the default causal mask, e.g. to keep packed documents apart.
@@ -244,17 +276,25 @@ class LlamaModel(nn.Module):
         cross-entropy, computed without materializing the logits (see linear_ce.py).
         """
         T = input_ids.shape[1]
-        if start_pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_position_embeddings "
+        per_row = isinstance(start_pos, torch.Tensor)
+        last = int(start_pos.max()) + T if per_row else start_pos + T
+        if last > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {last} exceed max_position_embeddings "
                              f"= {self.config.max_position_embeddings}")
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
         mask = attention_mask
-        if mask is None and start_pos > 0 and T > 1:
-            # New tokens see the whole cached prefix and, causally, each other.
-            i = torch.arange(T, device=input_ids.device)[:, None]
-            j = torch.arange(start_pos + T, device=input_ids.device)[None, :]
-            mask = j <= start_pos + i
+        if per_row:
+            pos = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, head_dim)
+            if mask is None:  # row b's query i sees keys up to its own position start_b + i
+                mask = (torch.arange(last, device=input_ids.device) <= pos[..., None])[:, None]
+        else:
+            cos = self.rope_cos[start_pos:start_pos + T]
+            sin = self.rope_sin[start_pos:start_pos + T]
+            if mask is None and start_pos > 0 and T > 1:
+                # New tokens see the whole cached prefix and, causally, each other.
+                i = torch.arange(T, device=input_ids.device)[:, None]
+                j = torch.arange(start_pos + T, device=input_ids.device)[None, :]
+                mask = j <= start_pos + i
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos, cache, mask)

@@ -1,15 +1,87 @@
-"""Turning logits into the next token: temperature, top-k and nucleus (top-p) sampling."""
+"""Turning logits into the next token: penalties, logit bias, temperature, top-k, top-p, min-p.
+
+The order follows common practice (transformers' logits processors, vLLM): penalties and bias
+act on the raw logits, then temperature, then the truncations (top-k, top-p, min-p), then a draw.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from athanor.errors import AthanorError
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of `logits` (batch, vocab). Temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded; field names and meanings follow the OpenAI API where it has them."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # drop tokens less likely than min_p * p(top token) (Nguyen et al., 2024); 0 = off
+    repetition_penalty: float = 1.0  # CTRL (Keskar et al., 2019) on prompt and output tokens; 1 = off
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often the token was generated
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, not part of the output
+    stop_ids: list[int] = field(default_factory=list)  # stop token ids, not part of the output
+    logprobs: int | None = None  # None: none; k: the sampled token's log-prob and the k likeliest
+    prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI's echo + logprobs)
+
+    def validate(self, vocab_size: int) -> None:
+        checks = [
+            (self.max_tokens >= 0, "max_tokens", "must be >= 0"),
+            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (self.top_k >= 0, "top_k", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", "token ids must be in the vocabulary"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise AthanorError(f"{name} {why}", field=name)
+
+    @property
+    def needs_counts(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                    generated_counts: torch.Tensor | None) -> torch.Tensor:
+    """Penalties and logit bias on one row of raw logits (vocab,).
+
+    `seen` (bool, vocab) marks tokens of the prompt or the output (for the repetition penalty);
+    `generated_counts` (vocab) counts output tokens only (for presence / frequency, as OpenAI defines them).
+    Both may be None when `params` sets no penalty.
+    """
+    if params.repetition_penalty != 1.0:
+        # CTRL: a seen token's logit is divided by the penalty when positive, multiplied when negative.
+        pen = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if params.presence_penalty or params.frequency_penalty:
+        logits = logits - params.frequency_penalty * generated_counts - params.presence_penalty * (generated_counts > 0)
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()), device=logits.device,
+                                                        dtype=logits.dtype))
+    return logits
+
+
+def shape_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0) -> torch.Tensor:
+    """Temperature, then top-k, nucleus (top-p) and min-p truncation; dropped tokens get -inf.
+
+    The softmax of the result is the distribution a token is drawn from (temperature must be > 0).
+    """
     logits = logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -18,8 +90,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         # Nucleus sampling (Holtzman et al., 2020): keep the smallest set of tokens whose
         # probability reaches top_p; the most likely token always stays.
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, min_p: float = 0.0) -> torch.Tensor:
+    """One token id per row of `logits` (batch, vocab). Temperature 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = shape_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,85 @@
+"""Decode speed, side by side in one run on the same model:
+
+1. athanor batch-1 decode tok/s vs transformers `generate()` (greedy, KV cache, same weights);
+2. athanor aggregate tok/s with 8 concurrent streams vs 1;
+3. speculative (draft + target) vs plain greedy decode.
+
+    python benchmarks/decode.py runs/speedrun            # the draft is runs/speedrun/draft (the speedrun trains it)
+
+Rounds alternate the contenders so machine noise falls on both; medians are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from athanor.model.hf import load_pretrained
+from athanor.serve.engine import Engine
+from athanor.serve.measure import engine_run, speculative_vs_plain
+from athanor.serve.stage import PROMPTS
+from athanor.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def hf_decode_tok_s(hf_model, prompt: list[int], tokens: int) -> float:
+    """transformers' decode rate: (tokens - 1) / (time for `tokens` - time for 1), greedy, no early stop."""
+    ids = torch.tensor([prompt])
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    first = timed(1)
+    return (tokens - 1) / (timed(tokens) - first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="target model run directory")
+    ap.add_argument("--draft", type=Path, default=None, help="draft run directory (default RUN_DIR/draft)")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens generated per stream")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    target = load_pretrained(args.run_dir)
+    draft = load_pretrained(args.draft or args.run_dir / "draft")
+    hf = AutoModelForCausalLM.from_pretrained(args.run_dir, dtype=torch.float32).eval()
+    tok = Tokenizer.load(args.run_dir)
+    prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
+    rows: dict[str, list[float]] = {k: [] for k in ("athanor b1", "hf b1", "athanor 1 stream", "athanor 8 streams",
+                                                    "plain", "speculative", "acceptance")}
+    engine1, engine8 = Engine(target, max_batch=1), Engine(target, max_batch=8)
+    for _ in range(args.rounds):
+        one = engine_run(engine1, prompts[:1], args.tokens)
+        rows["athanor b1"].append(one.decode_tok_s)
+        rows["hf b1"].append(hf_decode_tok_s(hf, prompts[0], args.tokens))
+        rows["athanor 1 stream"].append(one.aggregate_tok_s)
+        rows["athanor 8 streams"].append(engine_run(engine8, prompts[:8], args.tokens).aggregate_tok_s)
+        spec = speculative_vs_plain(target, draft, prompts[:4], args.tokens, k=4)
+        assert spec.identical, "speculative greedy output differs from plain greedy output"
+        rows["plain"].append(spec.plain_tok_s)
+        rows["speculative"].append(spec.speculative_tok_s)
+        rows["acceptance"].append(spec.acceptance)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"threads {torch.get_num_threads()}, {args.tokens} tokens per stream, {args.rounds} rounds (medians)")
+    print(f"batch-1 decode:    athanor {med['athanor b1']:8.0f} tok/s | transformers generate() "
+          f"{med['hf b1']:8.0f} tok/s | ratio {med['athanor b1'] / med['hf b1']:.2f}x")
+    print(f"concurrency:       8 streams {med['athanor 8 streams']:8.0f} tok/s | 1 stream "
+          f"{med['athanor 1 stream']:8.0f} tok/s | ratio {med['athanor 8 streams'] / med['athanor 1 stream']:.2f}x")
+    print(f"speculative (T=0): speculative {med['speculative']:6.0f} tok/s | plain {med['plain']:8.0f} tok/s | "
+          f"ratio {med['speculative'] / med['plain']:.2f}x (acceptance {med['acceptance']:.0%})")
+
+
+if __name__ == "__main__":
+    main()
