@@ -73,7 +73,8 @@ def collect_imatrix(model: LlamaModel, tokens: torch.Tensor, seq_len: int = 256)
 
 
 def save_imatrix(imatrix: dict[str, torch.Tensor], path: str | Path) -> None:
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in imatrix.items()}, metadata={"format": "athanor-imatrix"}))
+    data = save({k: v.contiguous() for k, v in imatrix.items()}, metadata={"format": "athanor-imatrix"})
+    atomic_write_bytes(path, data)
 
 
 def load_imatrix(path: str | Path) -> dict[str, torch.Tensor]:
