@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CORPUS, tiny_model_config
+from conftest import tiny_model_config
+from quant_helpers import train_tiny_run
 
-from athanor.data.corpus import iter_documents
-from athanor.model.hf import load_pretrained, save_pretrained
+from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.quant.formats import dequantize
 from athanor.quant.imatrix import collect_imatrix
 from athanor.quant.linear import QuantEmbedding, QuantLinear, model_nbytes, quantize_model, quantize_weights
 from athanor.quant.schemes import get_scheme, weight_type
-from athanor.tokenizer import Tokenizer
 
 
 def _model(**kw) -> LlamaModel:
@@ -89,29 +88,7 @@ def test_quant_linear_keeps_bias() -> None:
 
 @pytest.fixture(scope="module")
 def run_with_text(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
-    """A briefly trained tiny model (so KL divergences are meaningful) and a held-out text file."""
-    tmp = tmp_path_factory.mktemp("quantrun")
-    tok = Tokenizer.load(tokenizer_dir)
-    texts = [d.text for d in iter_documents(SMALL_CORPUS)]
-    ids = torch.tensor(tok.encode("\n".join(texts[:40]))[:20_000])
-    model = _model(num_key_value_heads=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(25):
-        start = (step * 977) % (len(ids) - 65 * 4)
-        batch = ids[start:start + 64 * 4 + 1]
-        x, y = batch[:-1].view(4, 64), batch[1:].view(4, 64)
-        loss = model(x, targets=y) / y.numel()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    run = tmp / "run"
-    save_pretrained(model, run)
-    tok.save(run)
-    held = tmp / "held.txt"
-    held.write_text("\n".join(texts[-6:])[:12_000])
-    return run, held
+    return train_tiny_run(tmp_path_factory.mktemp("quantrun"), tokenizer_dir)
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def get_type(name: str) -> QuantType:
 
 def f16_bytes(x: torch.Tensor) -> torch.Tensor:
     """(n, 1) float32 -> (n, 2) uint8, rounded to half precision (round to nearest even, as ggml)."""
-    return x.to(torch.float16).contiguous().view(torch.uint8)
+    return x.to(torch.float16).flatten().view(torch.uint8).view(-1, 2)
 
 
 def f16_from(b: torch.Tensor) -> torch.Tensor:
@@ -201,9 +201,10 @@ def _codec(t: QuantType) -> tuple[Quantizer, Dequantizer]:
     return KQUANTS[t.name]
 
 
-# Rows are processed in chunks so that the K-quant search's (blocks x candidates x elements)
-# temporaries stay near 100 MB whatever the tensor size.
-_CHUNK_ELEMENTS = 1 << 19
+# Rows are processed in chunks small enough that every temporary stays in cache-sized buffers
+# (large ones cost a page-fault storm per op): measured best at 64K weights for the legacy
+# types and 16K for the K-quants, whose search holds (blocks x 41 candidates x elements).
+_CHUNK_ELEMENTS = {32: 1 << 16, QK_K: 1 << 14}
 
 
 def quantize(weight: torch.Tensor, qtype: str | QuantType, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,7 +228,7 @@ def quantize(weight: torch.Tensor, qtype: str | QuantType, importance: torch.Ten
     quant, _ = _codec(t)
     per_row = cols // t.block_size
     out = torch.empty(rows, per_row * t.type_size, dtype=torch.uint8)
-    step = max(1, _CHUNK_ELEMENTS // cols)
+    step = max(1, _CHUNK_ELEMENTS[t.block_size] // cols)
     imp = None
     if importance is not None:
         imp = importance.detach().to("cpu", torch.float32).reshape(1, per_row, t.block_size)

@@ -54,7 +54,10 @@ def fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     # Where the refit is degenerate (all codes equal) keep the plain rounding's scale and minimum.
     scale = torch.where(ok, scale, 1.0 / iscale)
     minv = torch.where(ok, minv, lo.expand_as(minv))
-    err = (we * (scale.unsqueeze(-1) * q + minv.unsqueeze(-1) - xe) ** 2).sum(-1)
+    # sum w (s q + m - x)^2 expanded into the sums above: no further pass over (m, G, S).
+    sxx = (w * x * x).sum(-1, keepdim=True)
+    err = (scale * scale * sq2 + 2 * scale * minv * sq + minv * minv * sw
+           - 2 * scale * sxq - 2 * minv * sx + sxx)
     best = err.argmin(-1, keepdim=True)
     scale, minv = scale.gather(1, best), minv.gather(1, best)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
@@ -77,7 +80,7 @@ def fit_symmetric(x: torch.Tensor, w: torch.Tensor, nneg: int, npos: int) -> tor
     wq = w.unsqueeze(1) * q
     sq2, sxq = (wq * q).sum(-1), (wq * x.unsqueeze(1)).sum(-1)
     scale = sxq / sq2.clamp(min=1e-30)
-    err = (w.unsqueeze(1) * (scale.unsqueeze(-1) * q - x.unsqueeze(1)) ** 2).sum(-1)
+    err = -scale * sxq  # sum w (s q - x)^2 at the least-squares s, less the constant sum w x^2
     scale = scale.gather(1, err.argmin(-1, keepdim=True))
     return torch.where(zero, torch.zeros_like(scale), scale).squeeze(-1)
 
