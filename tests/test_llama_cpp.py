@@ -28,11 +28,12 @@ pytestmark = pytest.mark.ref
 STRINGS = ["def f(x):\n    return x + 1\n", "  leading spaces\tand tabs", "héllo wörld ✓ 日本語", "a" * 40,
            "<|bos|>special<|end|> text", "x=1;y=2\r\n", "", "123456789 3.14159 -0.5e-3", "🙂 emoji"]
 
-# Measured on this test's model: F32 logits agree to ~1e-5 (f32 KV cache); quantized files to a KL
-# divergence well under these bounds (llama.cpp also rounds activations to 8 bits for quantized
-# matmuls, so quantized logits can never agree exactly).
-LOGIT_TOL = 2e-3
-KLD_BOUND = {"F16": 1e-4, "Q8_0": 2e-3, "Q4_0": 5e-3, "Q4_K_M": 5e-3}
+# Measured on this test's models (2026-11-28, llama-cpp-python 0.3.36): F32 logits differ by at most
+# 4.8e-6 (f32 KV cache), top-1 identical at all 101 positions; mean KL(athanor || llama.cpp) 1e-9 for F16,
+# 3e-6 to 8e-6 for Q8_0, Q4_0 and Q4_K_M (llama.cpp rounds activations to 8 bits for quantized matmuls,
+# so quantized logits never agree exactly). The bounds leave a ~10x margin.
+LOGIT_TOL = 1e-4
+KLD_BOUND = {"F16": 1e-6, "Q8_0": 1e-4, "Q4_0": 1e-4, "Q4_K_M": 1e-4}
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["gqa-kv2", "gqa-kv1"])
@@ -66,7 +67,7 @@ def test_llama_cpp_runs_athanor_gguf(scheme: str, run, tmp_path: Path) -> None:
     llm = _llama(path)
     try:
         for s in STRINGS:
-            assert llm.tokenize(s.encode(), add_bos=False, special=False) == tok.encode(s), s
+            assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s), s
         theirs = _their_logits(llm, ids)
     finally:
         llm.close()
@@ -76,11 +77,15 @@ def test_llama_cpp_runs_athanor_gguf(scheme: str, run, tmp_path: Path) -> None:
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     if scheme == "F32":
+        diff = (ours - theirs).abs().max().item()
+        print(f"F32: max |logit difference| {diff:.2e} over {len(ids)} positions")
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))  # top-1 at every position
-        assert (ours - theirs).abs().max().item() < LOGIT_TOL
+        assert diff < LOGIT_TOL
     else:
         lp, lq = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
         kld = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+        print(f"{scheme}: mean KL(athanor || llama.cpp) {kld:.2e}, top-1 agreement {agree:.1%}")
         assert kld < KLD_BOUND[scheme], f"{scheme}: KL(athanor || llama.cpp) = {kld:.2e}"
 
 
@@ -109,19 +114,19 @@ def test_quantization_error_no_worse_than_llama_cpp(qtype: str, run, tmp_path: P
         hf = hf_name_of(t.name)
         if t.tensor_type.name != qtype or hf is None:
             continue
-        theirs = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         mine = ours[hf]
         assert mine.qtype == TYPES[qtype]
         ref = state[hf].float()
+        blocks = torch.from_numpy(np.asarray(t.data).reshape(mine.rows, -1).copy())
         if ".q_proj." in hf or ".k_proj." in hf:  # llama.cpp's rows are in the GGUF (permuted) order
             heads = model.config.num_attention_heads if ".q_proj." in hf else model.config.num_key_value_heads
-            theirs = rope_permute(torch.from_numpy(theirs), heads, inverse=True).numpy()
+            blocks = rope_permute(blocks, heads, inverse=True)
+        if qtype in ("Q4_0", "Q8_0"):  # the same rounding as ggml's reference: identical bytes
+            assert torch.equal(blocks, mine.data)
+        theirs = gguf.quants.dequantize(blocks.numpy(), t.tensor_type)
         err_theirs += float(((torch.from_numpy(theirs.reshape(ref.shape)) - ref) ** 2).sum())
         err_ours += float(((mine.dequantize().view(ref.shape) - ref) ** 2).sum())
         compared += 1
     assert compared >= 6, f"llama.cpp wrote only {compared} {qtype} tensors"
     print(f"{qtype}: RMSE ratio athanor / llama.cpp = {(err_ours / err_theirs) ** 0.5:.4f} over {compared} tensors")
-    if qtype in ("Q4_0", "Q8_0"):  # the same rounding: identical bytes, identical error
-        assert err_ours == pytest.approx(err_theirs, rel=1e-6)
-    else:
-        assert err_ours <= err_theirs
+    assert err_ours <= err_theirs
