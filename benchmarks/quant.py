@@ -97,7 +97,7 @@ def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
         if llama_cpp is not None:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
 
-        def theirs() -> None:
+        def theirs(llm=llm) -> None:
             llm.reset()
             for n, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), 1):
                 if n == tokens:

@@ -14,7 +14,7 @@ from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.quant.formats import dequantize
 from athanor.quant.imatrix import collect_imatrix
-from athanor.quant.linear import QuantEmbedding, QuantLinear, model_nbytes, quantize_model, quantize_weights
+from athanor.quant.linear import QuantEmbedding, QuantLinear, QWeight, model_nbytes, quantize_model, quantize_weights
 from athanor.quant.schemes import get_scheme, weight_type
 
 
@@ -33,7 +33,7 @@ def test_swap_replaces_every_linear_and_shrinks_memory() -> None:
         q = quantize_model(_model(), scheme)
         assert not any(type(m) is torch.nn.Linear for m in q.modules())
         assert isinstance(q.model.embed_tokens, QuantEmbedding)
-        assert q.lm_head.blocks.data_ptr() == q.model.embed_tokens.blocks.data_ptr()  # tied: shared blocks
+        assert q.lm_head.qweight is q.model.embed_tokens.qweight  # tied: one quantized weight
         sizes[scheme] = model_nbytes(q)
         # The swapped model computes exactly what the float model with dequantized weights computes.
         deq = _model()
@@ -83,7 +83,7 @@ def test_quant_linear_keeps_bias() -> None:
     bias = torch.randn(q.rows)
     x = torch.randn(3, q.cols)
     w = dequantize(q.data, q.qtype, q.cols).view(q.rows, q.cols)
-    assert torch.allclose(QuantLinear(q, bias)(x), x @ w.t() + bias, atol=1e-5)
+    assert torch.allclose(QuantLinear(QWeight(q), bias)(x), x @ w.t() + bias, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
