@@ -54,11 +54,7 @@ def _sentence_encoder() -> Any | None:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         return None
-    root = Path(pkg.__file__).parent
-    found = sorted(root.rglob("modules.json")) or sorted(root.rglob("config.json"))
-    if not found:
-        return None
-    return SentenceTransformer(str(found[0].parent), device="cpu")
+    return SentenceTransformer(str(pkg.get_model_path()), device="cpu", local_files_only=True)
 
 
 @torch.no_grad()
@@ -227,6 +223,8 @@ def speedrun_markdown(run_dir: str | Path) -> str:
         f"- KLD {'grows' if ordered else 'does NOT grow'} monotonically as bits per weight shrink"
         f"{'' if ordered else ' (unexpected: look at the types out of order)'}. A model this small suffers more "
         "from a given type than a 7B model does (llama.cpp reports KLD 0.0313 for Q4_K_M on Llama-3-8B).",
+        "- Answer similarity is the coarsest column: a handful of greedy answers, where one flipped token early "
+        "on changes everything after it; read it for the trend, not type by type.",
         "- Decode speed: athanor dequantizes each weight on use, so on a CPU quantized decode saves memory "
         "(bits/weight above) but not time; llama.cpp's fused kernels run the same GGUF files faster "
         "(see BENCHMARKS.md).",
