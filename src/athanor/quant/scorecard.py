@@ -67,7 +67,7 @@ def _answers(model: LlamaModel, tok: Tokenizer, n: int) -> tuple[list[str], floa
     texts, tokens, seconds = [], 0, 0.0
     for prompt in ANSWER_PROMPTS:
         ids = [tok.bos_id, *tok.encode(prompt)]
-        generate(model, ids, 1, temperature=0)  # prefill-only timing baseline
+        generate(model, ids, 1, temperature=0)  # warm-up, untimed
         t0 = time.perf_counter()
         out = generate(model, ids, n, temperature=0)
         seconds += time.perf_counter() - t0
