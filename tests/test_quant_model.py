@@ -111,6 +111,7 @@ def test_scorecard_orders_damage_by_bits(run_with_text: tuple[Path, Path], tmp_p
     assert "Q4_K_M (mix)" in md and f"{by['Q2_K']['mean KLD']:.5f}" in md
 
 
+@pytest.mark.slow
 def test_cli_export_import_imatrix_and_clear_errors(run_with_text: tuple[Path, Path], tmp_path: Path) -> None:
     run, held = run_with_text
 
