@@ -126,6 +126,46 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "(default '*': anyone; \"'self'\" for this origin only)")
     p.set_defaults(func=cmd_serve)
 
+def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    action, path = (args.target, args.path) if args.target in ("imatrix", "export", "import") else (None, args.target)
+    if action and not path:
+        raise AthanorError(f"`athanor quantize {action}` needs a path after it (see --help)")
+    if action == "import":
+        from athanor.quant.gguf import import_gguf
+
+        out = import_gguf(path, args.out or Path(path).with_suffix(""))
+        print(f"imported {path} -> {out}")
+        return
+    from athanor.quant.imatrix import calibration_tokens, collect_imatrix, load_imatrix, save_imatrix
+
+    if action == "imatrix":
+        from athanor.model.hf import load_pretrained
+
+        tokens = calibration_tokens(path, args.tokens, "train", args.text)
+        imatrix = collect_imatrix(load_pretrained(path), tokens)
+        out = Path(args.out or Path(path) / "imatrix.safetensors")
+        save_imatrix(imatrix, out)
+        print(f"importance matrix of {len(imatrix)} Linear layers from {len(tokens):,} tokens -> {out}")
+        return
+    imatrix = load_imatrix(args.imatrix) if args.imatrix else None
+    if action == "export":
+        from athanor.quant.gguf import export_gguf
+
+        out = Path(args.out or Path(path) / f"model-{args.type.upper()}.gguf")
+        info = export_gguf(path, out, args.type, imatrix)
+        print(f"{info['scheme']}: {info['bytes'] / 1e6:.2f} MB -> {out}")
+        return
+    from athanor.quant.scorecard import ScorecardConfig, run_scorecard
+
+    cfg = ScorecardConfig(types=tuple(t.strip() for t in args.types.split(",") if t.strip()),
+                          eval_tokens=args.tokens, imatrix_tokens=0 if (args.no_imatrix or imatrix) else 8192)
+    out = Path(args.out or Path(path) / "quant")
+    run_scorecard(path, out, cfg, text_file=args.text, imatrix=imatrix)
+    print((out / "scorecard.md").read_text())
+    print(f"scorecard -> {out / 'scorecard.md'} and {out / 'scorecard.png'}; GGUF files in {out}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -204,6 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable answers")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("quantize", help="quantize a model: damage scorecard, GGUF export/import, importance matrix",
+                       description="athanor quantize RUN_DIR [--types ...]: quantize the model to each type, write "
+                                   "its GGUF file, and score the damage against full precision on held-out text "
+                                   "(perplexity, KL divergence, top-1 agreement, answer similarity, decode speed) "
+                                   "into RUN_DIR/quant/scorecard.md and .png.\n"
+                                   "athanor quantize export RUN_DIR --type Q4_K_M --out m.gguf: one GGUF file for "
+                                   "llama.cpp.\n"
+                                   "athanor quantize import FILE.gguf --out DIR: a GGUF (llama architecture) back "
+                                   "into a run directory.\n"
+                                   "athanor quantize imatrix RUN_DIR --out FILE: the importance matrix (mean squared "
+                                   "activation per input column of every Linear) from calibration text; pass it "
+                                   "with --imatrix to weight the K-quant search.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", metavar="RUN_DIR|ACTION", help="a run directory, or one of: imatrix, export, import")
+    p.add_argument("path", nargs="?", metavar="PATH", help="for an ACTION: the run directory (or .gguf to import)")
+    p.add_argument("--types", default="F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K,Q2_K",
+                   help="comma-separated types to score (pure: F32 F16 Q8_0 Q6_K Q5_K Q5_1 Q5_0 Q4_K Q4_1 Q4_0 "
+                        "Q3_K Q2_K; mixes: Q5_K_M Q4_K_M Q3_K_M)")
+    p.add_argument("--type", default="Q4_K_M", help="export: the type of the GGUF file (default Q4_K_M)")
+    p.add_argument("--out", metavar="PATH", help="output file or directory (defaults inside the run directory)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix from `athanor quantize imatrix`")
+    p.add_argument("--no-imatrix", action="store_true", help="scorecard: do not collect an importance matrix")
+    p.add_argument("--text", metavar="FILE", help="text to evaluate (scorecard) or calibrate (imatrix) on, instead "
+                                                  "of the run's own held-out / training token shards")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens of that text to use (default 8192)")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -60,8 +60,13 @@ def samples_stage(ctx: Context) -> Section:
     return Section("Samples (temperature 0.8, top-k 50)", "\n".join(blocks))
 
 
-STAGES: list[Callable[[Context], Section]] = [samples_stage]
-STAGES.append(serving_stage)
+def quant_stage(ctx: Context) -> Section:
+    from athanor.quant.scorecard import speedrun_markdown
+
+    return Section("Quantization: damage scorecard", speedrun_markdown(ctx.run_dir))
+
+
+STAGES: list[Callable[[Context], Section]] = [samples_stage, serving_stage, quant_stage]
 
 
 def speedrun(recipe: PretrainRecipe, show_progress: bool = True) -> Path:

@@ -1,0 +1,139 @@
+"""Quantization speed: athanor vs its peers, side by side.
+
+1. Quantize throughput (million weights/s) of athanor's torch quantizers vs gguf-py's numpy
+   ones (`gguf.quants.quantize`, bit-exact references) on the same matrix, for the types gguf-py
+   can quantize (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1); athanor's K-quants (which gguf-py cannot
+   quantize) are timed alone. Goal (issue 5): at least 5x.
+2. Decode tokens/s at batch 1, greedy, of athanor's quantized modules vs llama.cpp
+   (llama-cpp-python, when installed) on the same GGUF file, for Q8_0 and Q4_0 (and F32).
+
+Rounds alternate between the two sides; medians are printed with the ratio.
+
+    python benchmarks/quant.py                           # the speedrun model shape, random weights
+    python benchmarks/quant.py --run-dir runs/speedrun   # a trained run directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from athanor.model.hf import load_pretrained, save_pretrained
+from athanor.model.llama import LlamaModel, ModelConfig
+from athanor.quant.formats import quantize
+from athanor.quant.gguf import export_gguf
+from athanor.quant.linear import quantize_model
+from athanor.serve.generate import generate
+from athanor.tokenizer import Tokenizer, TokenizerConfig
+
+
+def _median_time(fn, rounds: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_quantize(rows: int, cols: int, rounds: int) -> None:
+    import gguf
+    from gguf import quants as gq
+
+    x = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    mw = rows * cols / 1e6
+    print(f"\n## quantize throughput, {rows}x{cols} float32 matrix, {torch.get_num_threads()} threads (M weights/s)")
+    print(f"{'type':8} {'athanor':>10} {'gguf-py':>10} {'ratio':>7}")
+    for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]:
+        ours, theirs = [], []
+        for _ in range(rounds):  # alternate the two sides, round by round
+            ours.append(_median_time(lambda n=name: quantize(xt, n), 1))
+            theirs.append(_median_time(lambda n=name: gq.quantize(x, gguf.GGMLQuantizationType[n]), 1))
+        a, b = mw / statistics.median(ours), mw / statistics.median(theirs)
+        print(f"{name:8} {a:10.1f} {b:10.1f} {a / b:6.1f}x")
+    for name in ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]:
+        a = mw / _median_time(lambda n=name: quantize(xt, n), max(1, rounds // 2))
+        print(f"{name:8} {a:10.1f} {'(cannot)':>10} {'':>7}")
+
+
+def _toy_run(out: Path) -> Path:
+    """The speedrun's model shape with random weights and a small tokenizer (when no run is given)."""
+    from athanor.data.corpus import DataConfig, iter_documents
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train((d.text for d in iter_documents(DataConfig(max_chars=2_000_000))),
+                          TokenizerConfig(vocab_size=4096, max_train_chars=2_000_000), show_progress=False)
+    model = LlamaModel(ModelConfig(vocab_size=tok.vocab_size))
+    save_pretrained(model, out)
+    tok.save(out)
+    return out
+
+
+def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+        print("\n(llama-cpp-python not installed: athanor side only)")
+    tok = Tokenizer.load(run_dir)
+    prompt = [tok.bos_id, *tok.encode("def main():\n    ")]
+    print(f"\n## decode tokens/s, batch 1, greedy, {tokens} new tokens, {torch.get_num_threads()} threads")
+    print(f"{'type':8} {'athanor':>10} {'llama.cpp':>10} {'ratio':>7}")
+    for scheme in ["F32", "Q8_0", "Q4_0"]:
+        path = tmp / f"m-{scheme}.gguf"
+        export_gguf(run_dir, path, scheme)
+        model = load_pretrained(run_dir).eval()
+        if scheme != "F32":
+            model = quantize_model(model, scheme)
+        llm = None
+        if llama_cpp is not None:
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
+
+        def theirs(llm=llm) -> None:
+            llm.reset()
+            for n, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), 1):
+                if n == tokens:
+                    break
+
+        ours_t, theirs_t = [], []
+        for _ in range(rounds):
+            ours_t.append(_median_time(lambda m=model: generate(m, prompt, tokens, temperature=0), 1))
+            if llm is not None:
+                theirs_t.append(_median_time(theirs, 1))
+        a = tokens / statistics.median(ours_t)
+        if llm is None:
+            print(f"{scheme:8} {a:10.1f} {'-':>10}")
+            continue
+        b = tokens / statistics.median(theirs_t)
+        llm.close()
+        print(f"{scheme:8} {a:10.1f} {b:10.1f} {a / b:6.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--cols", type=int, default=4096)
+    ap.add_argument("--run-dir", type=Path, help="run directory for decode (default: random speedrun-shaped model)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens to decode per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bench_quantize(args.rows, args.cols, args.rounds)
+    if not args.skip_decode:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = args.run_dir or _toy_run(Path(tmp) / "run")
+            bench_decode(run_dir, args.tokens, args.rounds, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Quantization: GGML block formats, GGUF files, quantized inference and the damage scorecard."""

@@ -1,0 +1,93 @@
+"""Block formats against gguf-py (which matches ggml's C code bit for bit)."""
+
+import numpy as np
+import pytest
+import torch
+
+from athanor.errors import AthanorError
+from athanor.quant.formats import TYPES, dequantize, quantize
+
+gguf = pytest.importorskip("gguf")
+from gguf import quants as gq  # noqa: E402
+
+LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def adversarial_rows(cols: int, rows: int = 24, seed: int = 0) -> np.ndarray:
+    """Random rows plus the blocks that break naive quantizers: zeros, constants, lone outliers,
+    one-signed blocks, values already on a grid, ties for the largest magnitude, tiny values."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    x[0] = 0
+    x[1] = 3.0
+    x[2] = -2.5
+    x[3, 7] = 1000.0
+    x[4] = np.abs(x[4])
+    x[5] = -np.abs(x[5])
+    x[6] = rng.integers(-8, 8, cols) * 0.125
+    x[7, ::32] = 4.0
+    x[7, 1::32] = -4.0
+    x[8] = 1e-30
+    x[9] = rng.standard_normal(cols) * 1e4
+    x[10, : cols // 2] = 0
+    return x
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_types_bit_exact_with_gguf(name: str) -> None:
+    x = adversarial_rows(512)
+    ref = gq.quantize(x, gguf.GGMLQuantizationType[name])
+    ours = quantize(torch.from_numpy(x), name).numpy()
+    assert ours.shape == ref.shape
+    assert np.array_equal(ours, ref)
+    back = dequantize(torch.from_numpy(ours), name, 512).numpy()
+    assert np.array_equal(back, gq.dequantize(ref, gguf.GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_kquant_bytes_dequantize_identically_under_gguf(name: str) -> None:
+    x = adversarial_rows(1024)
+    ours = quantize(torch.from_numpy(x), name)
+    assert ours.shape == (x.shape[0], 1024 // 256 * TYPES[name].type_size)
+    back = dequantize(ours, name, 1024).numpy()
+    assert np.array_equal(back, gq.dequantize(ours.numpy(), gguf.GGMLQuantizationType[name]))
+    assert np.all(back[0] == 0)                               # zeros stay zeros
+    assert np.allclose(back[1], 3.0, rtol=1e-2)               # a constant survives every type
+    assert np.allclose(back[2], -2.5, rtol=1e-2)
+
+
+# Upper bounds on the RMSE of N(0, 1) weights: about what the bit budget allows (halving per bit).
+RMSE_BOUND = {"Q8_0": 0.007, "Q6_K": 0.02, "Q5_1": 0.04, "Q5_0": 0.045, "Q5_K": 0.04, "Q4_1": 0.08,
+              "Q4_0": 0.09, "Q4_K": 0.08, "Q3_K": 0.16, "Q2_K": 0.3}
+
+
+@pytest.mark.parametrize("name", sorted(RMSE_BOUND))
+def test_round_trip_error_shrinks_with_bits(name: str) -> None:
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1))
+    back = dequantize(quantize(x, name), name, 1024)
+    rmse = (back - x).pow(2).mean().sqrt().item()
+    assert rmse < RMSE_BOUND[name]
+
+
+def test_importance_weights_steer_the_kquant_search() -> None:
+    x = torch.randn(128, 512, generator=torch.Generator().manual_seed(2))
+    imp = torch.ones(512)
+    imp[::8] = 100.0  # a few input columns see much larger activations
+    plain = dequantize(quantize(x, "Q3_K"), "Q3_K", 512)
+    steered = dequantize(quantize(x, "Q3_K", importance=imp), "Q3_K", 512)
+
+    def weighted(y: torch.Tensor) -> float:
+        return ((y - x) ** 2 * imp).mean().item()
+
+    assert weighted(steered) < 0.9 * weighted(plain)
+
+
+def test_float_types_and_bad_shapes() -> None:
+    x = torch.randn(3, 64)
+    assert torch.equal(dequantize(quantize(x, "F32"), "F32", 64), x)
+    assert torch.equal(dequantize(quantize(x, "F16"), "F16", 64), x.half().float())
+    with pytest.raises(AthanorError, match="blocks of 256"):
+        quantize(x, "Q4_K")
+    with pytest.raises(AthanorError, match="unknown tensor type"):
+        quantize(x, "Q7_0")
