@@ -83,6 +83,29 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         print(args.prompt + tok.decode(ids))
 
 
+def cmd_data_check(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.data.formats import check_file
+    from athanor.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    failed = False
+    for path in args.files:
+        r = check_file(path, tok)
+        print(f"{r['path']}: {r['examples']} examples {r['formats']}, {r['errors']} errors")
+        for key in ("turns", "chars", "tokens", "loss_tokens"):
+            if r.get(key):
+                print(f"  {key:12s} min {r[key]['min']}  mean {r[key]['mean']}  max {r[key]['max']}")
+        for err in r["error_list"]:
+            print(f"  error: {err}")
+        if r["errors"] > len(r["error_list"]):
+            print(f"  ... and {r['errors'] - len(r['error_list'])} more errors")
+        failed |= r["errors"] > 0
+    if failed:
+        raise AthanorError("some records are invalid (see above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
@@ -137,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
     p.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="inspect instruction data files", description="Instruction data commands.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("check", help="validate instruction data and report counts, lengths and errors",
+                            description="Read instruction data (JSONL or a JSON array; Alpaca instruction/input/"
+                                        "output, chat `messages`, ShareGPT `conversations`, or prompt/completion), "
+                                        "normalize every record to a conversation and report how many there are "
+                                        "of each format, their lengths and every error with file, line and field. "
+                                        "Trains nothing. Exits with status 2 if any record is invalid.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="data files (.jsonl or .json)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (or run dir) to count tokens with")
+    p.set_defaults(func=cmd_data_check)
     return parser
 
 
