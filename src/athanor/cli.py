@@ -128,6 +128,26 @@ def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
           f"near-duplicate pairs {report['near_duplicate_pairs']} (3-gram Jaccard >= {report['jaccard_threshold']})")
 
 
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.train.sft import SFTRecipe, behavior_table, sft
+
+    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
+    extra += [f"--base={args.base}"] if args.base else []
+    extra += ["--lora.enabled=true"] if args.lora else []
+    recipe = load_recipe(SFTRecipe, args.recipe, extra + overrides)
+    if args.out:
+        recipe.out_dir = args.out
+    result = sft(recipe, show_progress=not args.quiet)
+    if "behavior" in result:
+        from athanor.report import markdown_table
+
+        b = result["behavior"]
+        print(markdown_table(behavior_table(b["base"], b["sft"])))
+    loss = f"held-out loss {result['val_loss']:.4f}, " if "val_loss" in result else ""
+    print(f"done: {loss}{result['tokens_seen']:,} tokens -> {recipe.out_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
@@ -213,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check in the sandbox that every held-out reference passes and an empty answer fails")
     p.set_defaults(func=cmd_synth_tasks)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning: turn a base model into a chat model",
+                       description="Fine-tune a base model (--base RUN_DIR) on instruction data (--data FILE ...; "
+                                   "Alpaca, messages, ShareGPT or prompt/completion; default: synthetic "
+                                   "verifiable tasks) with the loss on assistant tokens only and packed "
+                                   "conversations that cannot see each other. Before and after training it "
+                                   "measures on held-out tasks how often the model answers (closes its turn) "
+                                   "and how often the answer is right. Writes a run directory (the model in "
+                                   "the HF layout, eval.json; with --lora also adapter/ in the PEFT layout). "
+                                   "Sections: data, lora, train.\n\n" + OVERRIDES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the model to fine-tune (athanor run dir or HF checkpoint)")
+    p.add_argument("--data", nargs="*", metavar="FILE", help="instruction data files (default: synthetic tasks)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    p.set_defaults(func=cmd_sft)
     return parser
 
 

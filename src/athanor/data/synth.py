@@ -101,19 +101,21 @@ class FunctionTemplate:
     prompt: str  # may use {name}, {arg}, {k}
     body: str  # the reference return expression, may use {arg}, {k}
     oracle: Callable[[Any, int], Any]
-    inputs: Callable[[random.Random], Any]
+    inputs: Callable[[random.Random, int], list[Any]]  # test inputs; they probe the edges around k
 
 
-def _ints(rng: random.Random) -> int:
-    return rng.randint(-20, 40)
+def _ints(rng: random.Random, k: int) -> list[int]:
+    return [0, k - 1, k, k + 1, 2 * k, rng.randint(-40, 40)]
 
 
-def _int_list(rng: random.Random) -> list[int]:
-    return [rng.randint(-5, 15) for _ in range(rng.randint(0, 5))]
+def _int_list(rng: random.Random, k: int) -> list[list[int]]:
+    # Lists holding k and its neighbours, so "> k" and ">= k" (or "k - 1") give different answers.
+    edges = [k - 1, k, k + 1]
+    return [[], edges, [rng.randint(-5, 35) for _ in range(4)] + [k], [k + 1, -k, k, 0, k - 1]]
 
 
-def _word(rng: random.Random) -> str:
-    return rng.choice(WORDS)
+def _word(rng: random.Random, k: int) -> list[str]:
+    return [rng.choice(WORDS), "", "ab"]
 
 
 FUNCTIONS = [
@@ -145,7 +147,7 @@ def _python(rng: random.Random) -> tuple[str, str, str, str]:
     name = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
     prompt = t.prompt.format(name=name, arg=t.arg, k=k)
     code = f"def {name}({t.arg}):\n    return {t.body.format(arg=t.arg, k=k)}"
-    cases = [t.inputs(rng) for _ in range(4)]
+    cases = t.inputs(rng, k)
     tests = "\n".join(f"assert {name}({c!r}) == {t.oracle(c, k)!r}" for c in cases)
     return prompt, code, f"py:{t.name}:{k}", tests
 
