@@ -113,3 +113,31 @@ def test_sft_shifts_behavior_from_continuing_to_answering(tokenizer, tokenizer_d
     assert b["base"]["answer_rate"] <= 0.1 and b["sft"]["answer_rate"] >= 0.8
     saved = json.loads((tmp_path / "sft" / "eval.json").read_text())
     assert saved["behavior"]["sft"]["answer_rate"] == b["sft"]["answer_rate"] and "val_loss" in saved
+
+
+def test_sft_lora_saves_a_peft_adapter_that_merges_to_the_saved_model(tokenizer_dir, tmp_path):
+    from athanor.model.hf import load_pretrained
+    from athanor.model.lora import load_adapter, merge_lora
+    from athanor.train.sft import LoraSettings
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save_pretrained(LlamaModel(tiny_model_config()), base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).write_bytes((tokenizer_dir / name).read_bytes())
+    recipe = SFTRecipe(out_dir=str(tmp_path / "sft"), base=str(base), lora=LoraSettings(enabled=True, r=4, alpha=8),
+                       data=SFTDataConfig(synth_train=60, synth_heldout=6, synth_kinds=["arithmetic"]),
+                       train=TrainConfig(max_steps=4, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=1,
+                                         eval_every=0, ckpt_every=0, log_every=2),
+                       eval_max_new_tokens=4)
+    result = sft(recipe, show_progress=False)
+    assert result["trainable_parameters"] < LlamaModel(tiny_model_config()).config.num_parameters() / 5
+    out = tmp_path / "sft"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = load_pretrained(base)
+    load_adapter(merged, out / "adapter")
+    merge_lora(merged)
+    saved = load_pretrained(out)
+    x = torch.randint(0, 512, (1, 12))
+    torch.testing.assert_close(merged(x), saved(x))
+    assert not torch.allclose(saved(x), load_pretrained(base)(x))  # the adapter did learn something

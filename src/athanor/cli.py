@@ -148,6 +148,23 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"done: {loss}{result['tokens_seen']:,} tokens -> {recipe.out_dir}")
 
 
+def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    import shutil
+
+    from athanor.model.hf import load_pretrained, save_pretrained
+    from athanor.model.lora import load_adapter, merge_lora
+
+    model = load_pretrained(args.base)
+    info = load_adapter(model, args.adapter)
+    save_pretrained(merge_lora(model), args.out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(args.base) / name).is_file():
+            shutil.copyfile(Path(args.base) / name, Path(args.out) / name)
+    print(f"merged {len(info.targets)} adapters (r={info.config.r}) into {args.base} -> {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
@@ -249,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="*", metavar="FILE", help="instruction data files (default: synthetic tasks)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.set_defaults(func=cmd_sft)
+
+    lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands.")
+    lora_sub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    p = lora_sub.add_parser("merge", help="fold a LoRA adapter into its base model",
+                            description="Load a base model and a LoRA adapter (PEFT layout: adapter_config.json + "
+                                        "adapter_model.safetensors, from `athanor sft --lora` or PEFT), add the "
+                                        "low-rank updates into the weights and save a plain model directory that "
+                                        "needs no adapter code.")
+    p.add_argument("--base", required=True, metavar="DIR", help="base model directory")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    p.set_defaults(func=cmd_lora_merge)
     return parser
 
 
