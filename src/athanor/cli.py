@@ -165,6 +165,18 @@ def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"merged {len(info.targets)} adapters (r={info.config.r}) into {args.base} -> {args.out}")
 
 
+def cmd_synth_distill(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.data.distill import DistillConfig, distill, make_teacher, seed_instructions
+
+    cfg = load_recipe(DistillConfig, None, [f"--n={args.n}", f"--seed={args.seed}", *overrides])
+    teacher = make_teacher(args.teacher, args.model, args.api_key_env, cfg.seed)
+    result = distill(teacher, args.out, seed_instructions(args.seeds, cfg.seed), cfg,
+                     progress=None if args.quiet else lambda k, n: print(f"\raccepted {k}/{n}", end="", flush=True))
+    print(f"\n{result['accepted']} accepted, {result['rejected']} rejected {result['rejected_by_reason']} "
+          f"-> {result['output']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
@@ -250,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="check in the sandbox that every held-out reference passes and an empty answer fails")
     p.set_defaults(func=cmd_synth_tasks)
+    p = synth_sub.add_parser("distill", help="let a teacher model write instruction data (self-instruct)",
+                             description="The teacher trick: a stronger model (any OpenAI-compatible endpoint, or "
+                                         "a local athanor run dir) expands seed instructions into new ones and "
+                                         "answers them; candidates are filtered for length, duplicates and, where "
+                                         "the answer has code, by running it in the sandbox. Output is Alpaca JSONL, "
+                                         "appended record by record: if the teacher fails, everything accepted so "
+                                         "far is kept, and the same command resumes. Filter settings: --n, "
+                                         "--near_dup_jaccard=0.7, --max_output_chars=2000, --temperature=0.8, ...")
+    p.add_argument("--teacher", required=True, metavar="URL|DIR",
+                   help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1) or a run directory")
+    p.add_argument("--model", default="", help="model name to request from the endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)")
+    p.add_argument("--seeds", metavar="FILE", help="seed instructions (any instruction format; default: synthetic "
+                                                   "tasks)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output JSONL (appended to; resumable)")
+    p.add_argument("-n", "--n", type=int, default=100, help="accepted examples wanted (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_synth_distill)
 
     p = sub.add_parser("sft", help="supervised fine-tuning: turn a base model into a chat model",
                        description="Fine-tune a base model (--base RUN_DIR) on instruction data (--data FILE ...; "

@@ -161,7 +161,7 @@ def _stable_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def _ngrams(text: str, n: int = 3) -> frozenset[tuple[str, ...]]:
+def ngrams(text: str, n: int = 3) -> frozenset[tuple[str, ...]]:
     words = re.findall(r"\w+|[^\w\s]", text.lower())
     return frozenset(tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1)))
 
@@ -176,14 +176,14 @@ def near_duplicates(candidates: list[Task], reference: list[Task], threshold: fl
 
     An inverted index over the reference's 3-grams limits the comparisons to pairs that share one.
     """
-    ref_grams = [_ngrams(_text(t)) for t in reference]
+    ref_grams = [ngrams(_text(t)) for t in reference]
     index: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for j, grams in enumerate(ref_grams):
         for g in grams:
             index[g].append(j)
     hits = []
     for i, task in enumerate(candidates):
-        grams = _ngrams(_text(task))
+        grams = ngrams(_text(task))
         shared: dict[int, int] = defaultdict(int)
         for g in grams:
             for j in index.get(g, ()):
