@@ -62,6 +62,15 @@ def samples_stage(ctx: Context) -> Section:
 STAGES: list[Callable[[Context], Section]] = [samples_stage]
 
 
+def _sft_stage(ctx: Context) -> Section:
+    from athanor.train.sft import speedrun_stage
+
+    return speedrun_stage(ctx)
+
+
+STAGES.append(_sft_stage)
+
+
 def speedrun(recipe: PretrainRecipe, show_progress: bool = True) -> Path:
     """Run every stage and write `report.md` into `recipe.out_dir`; returns the report's path."""
     started = time.perf_counter()
