@@ -141,3 +141,16 @@ def test_sft_lora_saves_a_peft_adapter_that_merges_to_the_saved_model(tokenizer_
     x = torch.randint(0, 512, (1, 12))
     torch.testing.assert_close(merged(x), saved(x))
     assert not torch.allclose(saved(x), load_pretrained(base)(x))  # the adapter did learn something
+
+
+def test_heldout_from_any_instruction_file_or_a_task_file(tmp_path):
+    from athanor.data.synth import make_splits, write_tasks
+    from athanor.train.sft import _as_tasks
+
+    chat = tmp_path / "held.jsonl"
+    chat.write_text(json.dumps({"instruction": "Capital of France?", "output": "Paris"}) + "\n")
+    (task,) = _as_tasks(str(chat))
+    assert (task.kind, task.prompt, task.completion) == ("chat", "Capital of France?", "Paris")
+    _, heldout, _ = make_splits(20, 3, seed=0, kinds=["arithmetic"])
+    write_tasks(heldout, tmp_path / "tasks.jsonl")
+    assert _as_tasks(str(tmp_path / "tasks.jsonl")) == heldout
