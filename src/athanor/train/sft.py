@@ -282,14 +282,23 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
         result: dict[str, Any] = {**final, "steps": cfg.max_steps, "tokens_seen": trainer.tokens_seen,
                                   "train_examples": len(train_ex), "packed_rows": len(rows["x"]),
                                   "resumed_from_step": trainer.resumed_from}
-        if info.is_main:
-            export = trainer.model
-            if lora_info is not None:
-                from athanor.model.lora import merge_lora, save_adapter
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        # Full tensors from every rank (a collective: under FSDP each rank holds only a shard).
+        full = get_model_state_dict(trainer.wrapped, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+        if info.is_main:
+            export = load_pretrained(recipe.base)
+            if lora_info is not None:
+                from athanor.model.lora import apply_lora, merge_lora, save_adapter
+
+                apply_lora(export, lora_info.config)
+                export.load_state_dict(full)
                 save_adapter(export, lora_info, out_dir / "adapter", base=recipe.base)
                 export = merge_lora(export)
                 result["trainable_parameters"] = lora_info.trainable
+            else:
+                export.load_state_dict(full)
             save_pretrained(export, out_dir)
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copyfile(Path(recipe.base) / name, out_dir / name)
