@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -190,3 +191,24 @@ def test_fails_closed_without_namespaces(monkeypatch):
         assert r.ok and not r.isolated and r.stdout.strip() == "trusted"
     finally:
         sandbox.isolation_error.cache_clear()
+
+
+def test_private_directories_stay_hidden_and_nothing_is_left_behind():
+    secret_dir = Path.home()
+    r = run(f"""
+        import os, sys
+        try:
+            print(sorted(os.listdir({str(secret_dir)!r})))
+        except OSError as e:
+            print('refused', e.strerror)
+        print(os.getcwd())
+        print('x' * 200_000)
+        """, output_kb=16)
+    assert r.verdict == "ok", r.stderr
+    work = r.stdout.splitlines()[1]
+    assert not Path(work).exists()  # the throwaway work dir is gone
+    assert r.stdout.endswith("[... output truncated]") and len(r.stdout) < 17 * 1024
+    listing = r.stdout.splitlines()[0]
+    for name in os.listdir(secret_dir):  # none of the parent's home shows, beyond what the interpreter needs
+        if name not in sys.prefix + sys.base_prefix:
+            assert f"'{name}'" not in listing
