@@ -242,7 +242,7 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
     info = dist.setup(recipe.train.device)
     try:
         tok = Tokenizer.load(recipe.base)
-        model = load_pretrained(recipe.base)
+        model = load_pretrained(recipe.base, device=info.device)  # on the device already for the base eval
         cfg = recipe.train
         if cfg.seq_len + 1 > model.config.max_position_embeddings:
             raise AthanorError(f"train.seq_len {cfg.seq_len} leaves no room in the model's "
@@ -288,7 +288,7 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
         full = get_model_state_dict(trainer.wrapped, options=StateDictOptions(full_state_dict=True,
                                                                                cpu_offload=True))
         if info.is_main:
-            export = load_pretrained(recipe.base)
+            export = load_pretrained(recipe.base, device=info.device)
             if lora_info is not None:
                 from athanor.model.lora import apply_lora, merge_lora, save_adapter
 
