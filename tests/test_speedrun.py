@@ -24,3 +24,5 @@ def test_short_speedrun_writes_a_report_that_beats_unigram(tmp_path: Path) -> No
     assert result["val_bpb"] < 0.9 * result["unigram_bpb"]
     assert f"{result['val_bpb']:.3f}" in report and f"{result['unigram_bpb']:.3f}" in report
     assert (out / "loss.png").stat().st_size > 10_000
+    sft = json.loads((out / "sft" / "eval.json").read_text())["behavior"]  # post-training stage
+    assert "## Post-training: SFT" in report and sft["sft"]["answer_rate"] > sft["base"]["answer_rate"] + 0.5

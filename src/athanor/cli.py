@@ -166,6 +166,99 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
     print((out / "scorecard.md").read_text())
     print(f"scorecard -> {out / 'scorecard.md'} and {out / 'scorecard.png'}; GGUF files in {out}")
 
+def cmd_data_check(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.data.formats import check_file
+    from athanor.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    failed = False
+    for path in args.files:
+        r = check_file(path, tok)
+        print(f"{r['path']}: {r['examples']} examples {r['formats']}, {r['errors']} errors")
+        for key in ("turns", "chars", "tokens", "loss_tokens"):
+            if r.get(key):
+                print(f"  {key:12s} min {r[key]['min']}  mean {r[key]['mean']}  max {r[key]['max']}")
+        for err in r["error_list"]:
+            print(f"  error: {err}")
+        if r["errors"] > len(r["error_list"]):
+            print(f"  ... and {r['errors'] - len(r['error_list'])} more errors")
+        failed |= r["errors"] > 0
+    if failed:
+        raise AthanorError("some records are invalid (see above)")
+
+
+def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    import json
+
+    from athanor.data.synth import make_splits, verify_references, write_tasks
+    from athanor.io import atomic_write_text
+
+    train, heldout, report = make_splits(args.train, args.heldout, args.seed, args.kinds.split(","))
+    if args.verify:
+        bad = verify_references(heldout)
+        if bad:
+            raise AthanorError(f"held-out tasks whose reference fails or whose empty answer passes: {bad[:5]}")
+        report["verified_heldout"] = len(heldout)
+    out = Path(args.out)
+    write_tasks(train, out / "train.jsonl")
+    write_tasks(heldout, out / "heldout.jsonl")
+    atomic_write_text(out / "overlap.json", json.dumps(report, indent=2) + "\n")
+    print(f"{len(train)} train / {len(heldout)} held-out tasks -> {out}; exact overlap {report['exact_overlap']}, "
+          f"near-duplicate pairs {report['near_duplicate_pairs']} (3-gram Jaccard >= {report['jaccard_threshold']})")
+
+
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.train.sft import SFTRecipe, behavior_table, sft
+
+    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
+    extra += [f"--base={args.base}"] if args.base else []
+    extra += ["--lora.enabled=true"] if args.lora else []
+    recipe = load_recipe(SFTRecipe, args.recipe, extra + overrides)
+    if args.out:
+        recipe.out_dir = args.out
+    result = sft(recipe, show_progress=not args.quiet)
+    if "behavior" in result:
+        from athanor.report import markdown_table
+
+        b = result["behavior"]
+        print(markdown_table(behavior_table(b["base"], b["sft"])))
+    loss = f"held-out loss {result['val_loss']:.4f}, " if "val_loss" in result else ""
+    print(f"done: {loss}{result['tokens_seen']:,} tokens -> {recipe.out_dir}")
+
+
+def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    import shutil
+
+    from athanor.model.hf import load_pretrained, save_pretrained
+    from athanor.model.lora import load_adapter, merge_lora
+
+    model = load_pretrained(args.base)
+    info = load_adapter(model, args.adapter)
+    save_pretrained(merge_lora(model), args.out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(args.base) / name).is_file():
+            shutil.copyfile(Path(args.base) / name, Path(args.out) / name)
+    print(f"merged {len(info.targets)} adapters (r={info.config.r}) into {args.base} -> {args.out}")
+
+
+def cmd_synth_distill(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.data.distill import DistillConfig, distill, make_teacher, seed_instructions
+
+    cfg = load_recipe(DistillConfig, None, [f"--n={args.n}", f"--seed={args.seed}", *overrides])
+    teacher = make_teacher(args.teacher, args.model, args.api_key_env, cfg.seed)
+    result = distill(teacher, args.out, seed_instructions(args.seeds, cfg.seed), cfg,
+                     progress=None if args.quiet else lambda k, n: print(f"\raccepted {k}/{n}", end="", flush=True))
+    print(f"\n{result['accepted']} accepted, {result['rejected']} rejected {result['rejected_by_reason']} "
+          f"-> {result['output']}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -270,6 +363,84 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "of the run's own held-out / training token shards")
     p.add_argument("--tokens", type=int, default=8192, help="tokens of that text to use (default 8192)")
     p.set_defaults(func=cmd_quantize)
+    data = sub.add_parser("data", help="inspect instruction data files", description="Instruction data commands.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("check", help="validate instruction data and report counts, lengths and errors",
+                            description="Read instruction data (JSONL or a JSON array; Alpaca instruction/input/"
+                                        "output, chat `messages`, ShareGPT `conversations`, or prompt/completion), "
+                                        "normalize every record to a conversation and report how many there are "
+                                        "of each format, their lengths and every error with file, line and field. "
+                                        "Trains nothing. Exits with status 2 if any record is invalid.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="data files (.jsonl or .json)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (or run dir) to count tokens with")
+    p.set_defaults(func=cmd_data_check)
+
+    synth = sub.add_parser("synth", help="make instruction data: verifiable tasks, or a teacher's answers",
+                           description="Synthetic instruction data.")
+    synth_sub = synth.add_subparsers(dest="synth_command", required=True, metavar="ACTION")
+    p = synth_sub.add_parser("tasks", help="generate verifiable tasks with train and held-out splits",
+                             description="Generate arithmetic, string, list and small-Python-function tasks, each "
+                                         "with a reference answer (and unit tests for functions). Writes "
+                                         "train.jsonl and heldout.jsonl (prompt/completion records, usable by "
+                                         "`athanor sft`) and overlap.json, the proof that the splits share no "
+                                         "exact or near-duplicate item (word 3-gram Jaccard).")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the splits into")
+    p.add_argument("--train", type=int, default=3000, help="training tasks (default 3000)")
+    p.add_argument("--heldout", type=int, default=200, help="held-out tasks (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same tasks)")
+    p.add_argument("--kinds", default="arithmetic,string,list,python",
+                   help="comma-separated task kinds (default: all of arithmetic,string,list,python)")
+    p.add_argument("--verify", action="store_true",
+                   help="check in the sandbox that every held-out reference passes and an empty answer fails")
+    p.set_defaults(func=cmd_synth_tasks)
+    p = synth_sub.add_parser("distill", help="let a teacher model write instruction data (self-instruct)",
+                             description="The teacher trick: a stronger model (any OpenAI-compatible endpoint, or "
+                                         "a local athanor run dir) expands seed instructions into new ones and "
+                                         "answers them; candidates are filtered for length, duplicates and, where "
+                                         "the answer has code, by running it in the sandbox. Output is Alpaca JSONL, "
+                                         "appended record by record: if the teacher fails, everything accepted so "
+                                         "far is kept, and the same command resumes. Filter settings: --n, "
+                                         "--near_dup_jaccard=0.7, --max_output_chars=2000, --temperature=0.8, ...")
+    p.add_argument("--teacher", required=True, metavar="URL|DIR",
+                   help="base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1) or a run directory")
+    p.add_argument("--model", default="", help="model name to request from the endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)")
+    p.add_argument("--seeds", metavar="FILE", help="seed instructions (any instruction format; default: synthetic "
+                                                   "tasks)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output JSONL (appended to; resumable)")
+    p.add_argument("-n", "--n", type=int, default=100, help="accepted examples wanted (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_synth_distill)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning: turn a base model into a chat model",
+                       description="Fine-tune a base model (--base RUN_DIR) on instruction data (--data FILE ...; "
+                                   "Alpaca, messages, ShareGPT or prompt/completion; default: synthetic "
+                                   "verifiable tasks) with the loss on assistant tokens only and packed "
+                                   "conversations that cannot see each other. Before and after training it "
+                                   "measures on held-out tasks how often the model answers (closes its turn) "
+                                   "and how often the answer is right. Writes a run directory (the model in "
+                                   "the HF layout, eval.json; with --lora also adapter/ in the PEFT layout). "
+                                   "Sections: data, lora, train.\n\n" + OVERRIDES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the model to fine-tune (athanor run dir or HF checkpoint)")
+    p.add_argument("--data", nargs="*", metavar="FILE", help="instruction data files (default: synthetic tasks)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    p.set_defaults(func=cmd_sft)
+
+    lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands.")
+    lora_sub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    p = lora_sub.add_parser("merge", help="fold a LoRA adapter into its base model",
+                            description="Load a base model and a LoRA adapter (PEFT layout: adapter_config.json + "
+                                        "adapter_model.safetensors, from `athanor sft --lora` or PEFT), add the "
+                                        "low-rank updates into the weights and save a plain model directory that "
+                                        "needs no adapter code.")
+    p.add_argument("--base", required=True, metavar="DIR", help="base model directory")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    p.set_defaults(func=cmd_lora_merge)
     return parser
 
 

@@ -66,7 +66,14 @@ def quant_stage(ctx: Context) -> Section:
     return Section("Quantization: damage scorecard", speedrun_markdown(ctx.run_dir))
 
 
-STAGES: list[Callable[[Context], Section]] = [samples_stage, serving_stage, quant_stage]
+def sft_stage(ctx: Context) -> Section:
+    from athanor.train.sft import speedrun_stage
+
+    return speedrun_stage(ctx)
+
+
+# The order of the report: what pre-training made, post-training, then serving and quantizing the base.
+STAGES: list[Callable[[Context], Section]] = [samples_stage, sft_stage, serving_stage, quant_stage]
 
 
 def speedrun(recipe: PretrainRecipe, show_progress: bool = True) -> Path:

@@ -1,0 +1,186 @@
+"""Instruction data as people already have it, normalized to chat `messages`.
+
+One record per JSONL line (or the items of a JSON array), in any of the field's usual shapes:
+
+- Alpaca: `{"instruction", "input" (optional), "output", "system" (optional)}`
+  -> user = instruction, then a blank line and the input when there is one; assistant = output.
+- OpenAI-style chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+- ShareGPT exports: `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`.
+- prompt/completion: `{"prompt": str, "completion": str}`, or TRL's conversational variant where both
+  are lists of messages.
+
+Every problem is reported with file, line (or array index) and field, so a bad record in a
+100k-line file is found at once; `check_file` collects them all without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from athanor.errors import AthanorError
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]]
+    format: str  # alpaca, messages, sharegpt, prompt_completion
+    path: str
+    line: int  # 1-based line of a JSONL file, or 1-based item of a JSON array
+
+
+class RecordError(AthanorError):
+    """A record that cannot become a conversation; carries where it is."""
+
+    def __init__(self, message: str, path: str, line: int, field: str | None = None) -> None:
+        super().__init__(message, path=path, line=line, field=field)
+        self.record_path, self.record_line, self.record_field = path, line, field
+
+
+def _text(record: dict, key: str, path: str, line: int, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        what = "missing" if value is None else f"a {type(value).__name__}, not text"
+        raise RecordError(what, path, line, key)
+    return value
+
+
+def _turns(items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str],
+           path: str, line: int) -> list[dict[str, str]]:
+    if not isinstance(items, list) or not items:
+        raise RecordError("must be a non-empty list of turns", path, line, key)
+    out = []
+    for i, turn in enumerate(items):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError("must be an object", path, line, where)
+        role = turn.get(role_key)
+        if role not in role_map:
+            raise RecordError(f"unknown role {role!r} (expected one of {sorted(role_map)})", path, line,
+                              f"{where}.{role_key}")
+        content = turn.get(text_key)
+        if not isinstance(content, str):
+            raise RecordError("missing or not text", path, line, f"{where}.{text_key}")
+        out.append({"role": role_map[role], "content": content})
+    return out
+
+
+def to_messages(record: Any, path: str, line: int) -> Example:
+    """Normalize one record; raises `RecordError` naming the field at fault."""
+    if not isinstance(record, dict):
+        raise RecordError(f"a record must be a JSON object, got {type(record).__name__}", path, line)
+    identity = {r: r for r in ROLES}
+    if "messages" in record:
+        fmt, messages = "messages", _turns(record["messages"], "messages", "role", "content", identity, path, line)
+    elif "conversations" in record:
+        fmt, messages = "sharegpt", _turns(record["conversations"], "conversations", "from", "value",
+                                           SHAREGPT_ROLES, path, line)
+    elif "instruction" in record or "output" in record:
+        fmt = "alpaca"
+        instruction, extra = _text(record, "instruction", path, line), _text(record, "input", path, line, False)
+        system = _text(record, "system", path, line, False)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")},
+            {"role": "assistant", "content": _text(record, "output", path, line)}]
+    elif "prompt" in record or "completion" in record:
+        fmt = "prompt_completion"
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational form
+            messages = (_turns(prompt, "prompt", "role", "content", identity, path, line)
+                        + _turns(completion, "completion", "role", "content", identity, path, line))
+        else:
+            messages = [{"role": "user", "content": _text(record, "prompt", path, line)},
+                        {"role": "assistant", "content": _text(record, "completion", path, line)}]
+    else:
+        raise RecordError(f"unrecognized record with keys {sorted(record)[:6]}; expected messages, conversations, "
+                          "instruction/output (Alpaca) or prompt/completion", path, line)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers:
+        raise RecordError("no assistant turn: nothing to learn from", path, line)
+    if not any(m["content"].strip() for m in answers):
+        raise RecordError("every assistant turn is empty", path, line, "assistant")
+    return Example(messages, fmt, path, line)
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line, parsed record) for JSONL, or (1-based index, item) for a JSON array file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AthanorError("data file not found", path=path)
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if path.suffix == ".json" or head.startswith("["):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise AthanorError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from None
+        if not isinstance(data, list):
+            raise AthanorError("a .json data file must hold a list of records (or use JSONL)", path=path)
+        yield from enumerate(data, 1)
+        return
+    with path.open(encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield n, json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"not valid JSON: {e.msg} (column {e.colno})", str(path), n) from None
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Every record of `path` as a conversation; the first bad record raises with its place."""
+    examples = [to_messages(rec, str(path), line) for line, rec in iter_records(path)]
+    if not examples:
+        raise AthanorError("no records", path=path)
+    return examples
+
+
+def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20) -> dict[str, Any]:
+    """Validate every record (not just the first bad one) and summarize, without training.
+
+    With a tokenizer, lengths are tokens of the rendered chat and of its loss-bearing part.
+    """
+    formats: Counter[str] = Counter()
+    errors: list[str] = []
+    n_errors, turns, chars, total_tokens, loss_tokens = 0, [], [], [], []
+    try:
+        for line, rec in iter_records(path):
+            try:
+                ex = to_messages(rec, str(path), line)
+            except RecordError as e:
+                n_errors += 1
+                if len(errors) < max_errors:
+                    errors.append(str(e))
+                continue
+            formats[ex.format] += 1
+            turns.append(len(ex.messages))
+            chars.append(sum(len(m["content"]) for m in ex.messages))
+            if tokenizer is not None:
+                ids, mask = tokenizer.render_chat(ex.messages)
+                total_tokens.append(len(ids))
+                loss_tokens.append(sum(mask))
+    except RecordError as e:  # a JSONL line that is not JSON stops the scan: report it with the rest
+        n_errors += 1
+        errors.append(str(e))
+
+    def summary(xs: list[int]) -> dict[str, float]:
+        return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs)} if xs else {}
+
+    report: dict[str, Any] = {"path": str(path), "examples": sum(formats.values()), "formats": dict(formats),
+                              "errors": n_errors, "error_list": errors, "turns": summary(turns),
+                              "chars": summary(chars)}
+    if tokenizer is not None:
+        report["tokens"] = summary(total_tokens)
+        report["loss_tokens"] = summary(loss_tokens)
+    return report

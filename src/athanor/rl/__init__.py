@@ -1,0 +1,1 @@
+"""Reinforcement-learning pieces: rewards, judges and the sandbox that runs model-written code."""

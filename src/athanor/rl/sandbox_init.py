@@ -1,0 +1,149 @@
+"""Pid 1 of a sandbox (see sandbox.py): lock the filesystem, fork the program with limits, report.
+
+Run as `python -I sandbox_init.py SPEC_JSON STATUS_FD` inside fresh user, network, PID and mount
+namespaces. It must stay stdlib-only and import nothing from athanor: it runs before any of the
+program's code, and its report (JSON on STATUS_FD) is the only thing the parent trusts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import sys
+
+# <sys/mount.h> and <linux/prctl.h>
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 32, 1024, 2048, 4096, 16384
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
+# Virtual filesystems: the kernel itself guards writes there (and /proc is the sandbox's own).
+VIRTUAL = ("/proc", "/sys")
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _unescape(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    return path.encode().decode("unicode_escape").encode("latin-1").decode()
+
+
+def lock_filesystem(work: str) -> None:
+    """Everything read-only except `work` (its own bind mount stays writable)."""
+    _check(libc.mount(work.encode(), work.encode(), None, MS_BIND, None), f"bind {work}")
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        target, options = _unescape(fields[4]), fields[5].split(",")
+        if target == work or "ro" in options:
+            continue
+        # A remount must repeat the flags a less privileged namespace may not drop (nosuid, ...).
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        for opt in options:
+            flags |= OPTION_FLAGS.get(opt, 0)
+        if libc.mount(None, target.encode(), None, flags, None) != 0:
+            if target.startswith(VIRTUAL) or not os.path.exists(target):
+                continue
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot make {target} read-only: {os.strerror(err)}")
+
+
+def expose(paths: list[str], stage: str) -> None:
+    """Make `paths` reachable for an unprivileged uid without opening anything else up.
+
+    The interpreter may live under a directory only root may enter (e.g. pyenv in /root, mode
+    0700). In this mount namespace, such a directory is covered by an empty tmpfs into which only
+    the needed paths are bind-mounted back, so the rest of it stays out of sight.
+    """
+    groups: dict[str, list[str]] = {}
+    for path in dict.fromkeys(os.path.realpath(p) for p in paths):
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            ancestor = "/" + "/".join(parts[:i])
+            if not os.stat(ancestor).st_mode & 0o001:  # others may not traverse it
+                groups.setdefault(ancestor, []).append(path)
+                break
+    for n, (ancestor, inner) in enumerate(groups.items()):
+        staged = []
+        for k, path in enumerate(inner):
+            spot = os.path.join(stage, f"{n}-{k}")
+            os.mkdir(spot)
+            _check(libc.mount(path.encode(), spot.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
+            staged.append((spot, path))
+        _check(libc.mount(b"tmpfs", ancestor.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=64k"),
+               f"cover {ancestor}")
+        for spot, path in staged:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            _check(libc.mount(spot.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"re-expose {path}")
+
+
+def drop_privileges(uid: int | None) -> None:
+    """No capability survives exec: empty bounding and ambient sets, and no way to regain them.
+
+    Started by real root, the program also becomes the unprivileged `uid`: the kernel never
+    applies RLIMIT_NPROC to uid 0, whatever the namespace, so a fork bomb needs another uid.
+    """
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+def set_limits(limits: dict) -> None:
+    mb = 1024 * 1024
+    for res, value in ((resource.RLIMIT_CPU, limits["cpu_s"]), (resource.RLIMIT_AS, limits["memory_mb"] * mb),
+                       (resource.RLIMIT_NPROC, limits["max_procs"]), (resource.RLIMIT_FSIZE, limits["file_mb"] * mb),
+                       (resource.RLIMIT_NOFILE, limits["max_files"]), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+
+
+def main() -> None:
+    spec, status_fd = json.loads(sys.argv[1]), int(sys.argv[2])
+    os.set_inheritable(status_fd, False)
+    report: dict = {}
+    try:
+        if spec["isolated"]:
+            if spec["uid"] is not None:
+                expose(spec["expose"], spec["stage"])
+            lock_filesystem(spec["work"])
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()  # the program's own group: kill(0, ...) reaches only what it started
+                os.chdir(spec["work"])
+                if spec["isolated"]:
+                    drop_privileges(spec["uid"])
+                set_limits(spec["limits"])
+                os.execv(spec["python"], [spec["python"], "-E", "-s", "main.py"])
+            except BaseException as e:  # report through the exit code; the parent reads stderr
+                print(f"sandbox: could not start the program: {e}", file=sys.stderr)
+            os._exit(127)
+        _, status, usage = os.wait4(pid, 0)
+        cpu = usage.ru_utime + usage.ru_stime
+        report = {"cpu_s": round(cpu, 3), "cpu_limit": spec["limits"]["cpu_s"]}
+        if os.WIFSIGNALED(status):
+            report["signal"] = os.WTERMSIG(status)
+        else:
+            report["returncode"] = os.WEXITSTATUS(status)
+    except OSError as e:
+        report = {"error": f"sandbox setup failed: {e}"}
+    os.write(status_fd, json.dumps(report).encode())
+
+
+if __name__ == "__main__":
+    main()

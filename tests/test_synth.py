@@ -1,0 +1,88 @@
+"""Synthetic tasks: splits that provably share nothing, references that pass, graders that can fail."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from athanor.cli import main
+from athanor.data.formats import load_examples
+from athanor.data.synth import (
+    FUNCTIONS,
+    NEAR_DUP_JACCARD,
+    Task,
+    grade,
+    make_splits,
+    near_duplicates,
+    read_tasks,
+    verify_references,
+)
+from athanor.rl import sandbox
+
+
+def _grams(text: str) -> set:
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    return {tuple(words[i:i + 3]) for i in range(max(1, len(words) - 2))}
+
+
+def test_splits_share_no_exact_or_near_duplicate_item():
+    train, heldout, report = make_splits(1500, 150, seed=3)
+    assert len(heldout) == 150 and len(train) > 1400
+    assert {t.kind for t in heldout} == {"arithmetic", "string", "list", "python"}
+    assert not {t.key for t in train} & {t.key for t in heldout}
+    assert not {t.prompt for t in train} & {t.prompt for t in heldout}
+    # Brute force over every pair, independent of the indexed check the generator used.
+    held = [_grams(f"{t.prompt} {t.completion}") for t in heldout]
+    worst = 0.0
+    for t in train:
+        a = _grams(f"{t.prompt} {t.completion}")
+        for b in held:
+            worst = max(worst, len(a & b) / len(a | b))
+    assert worst < NEAR_DUP_JACCARD
+    assert report["exact_overlap"] == 0 and report["near_duplicate_pairs"] == 0
+
+
+def test_near_duplicate_check_catches_a_reworded_copy():
+    a = Task("a", "python", "Write a Python function `get_value(xs)` that returns a list of every item of xs "
+             "multiplied by 7.", "def get_value(xs):\n    return [v * 7 for v in xs]", "k")
+    b = Task("b", "python", "Write a Python function `get_value(xs)` that returns a list of each item of xs "
+             "multiplied by 7.", "def get_value(xs):\n    return [v * 7 for v in xs]", "k2")
+    c = Task("c", "arithmetic", "What is 3 + 4?", "7", "k3")
+    hits = near_duplicates([b, c], [a])
+    assert [(i, j) for i, j, _ in hits] == [(0, 0)] and hits[0][2] >= NEAR_DUP_JACCARD
+
+
+def test_same_seed_same_tasks():
+    assert make_splits(50, 10, seed=1)[:2] == make_splits(50, 10, seed=1)[:2]
+    assert make_splits(50, 10, seed=1)[0] != make_splits(50, 10, seed=2)[0]
+
+
+def test_exact_match_grading():
+    t = Task("t", "arithmetic", "What is 3 + 4?", "7", "k")
+    assert grade([t, t, t, t], ["7", " 7.\n", "8", "7 and more"]) == [True, True, False, False]
+
+
+@pytest.mark.skipif(sandbox.isolation_error() is not None, reason="no sandbox here")
+def test_every_function_template_grades_soundly_in_the_sandbox():
+    train, _, _ = make_splits(150, 10, seed=0, kinds=["python"])
+    sample = {t.key.split(":")[1]: t for t in train}  # one task per template
+    assert len(sample) == len(FUNCTIONS)
+    tasks = list(sample.values())
+    assert verify_references(tasks) == []
+    wrong = [t.completion.replace("return ", "return 1 + ", 1) for t in tasks]
+    assert grade(tasks, wrong) == [False] * len(tasks)
+    fenced = [f"Here you go:\n```python\n{t.completion}\n```" for t in tasks]
+    assert all(grade(tasks, fenced))
+
+
+def test_cli_writes_splits_that_sft_data_loading_reads(tmp_path, capsys):
+    assert main(["synth", "tasks", "--out", str(tmp_path), "--train", "200", "--heldout", "20",
+                 "--kinds", "arithmetic,list"]) == 0
+    assert "exact overlap 0" in capsys.readouterr().out
+    report = json.loads((tmp_path / "overlap.json").read_text())
+    assert report["heldout"] == 20 and report["near_duplicate_pairs"] == 0
+    assert len(read_tasks(tmp_path / "heldout.jsonl")) == 20
+    examples = load_examples(tmp_path / "train.jsonl")
+    assert examples[0].format == "prompt_completion" and examples[0].messages[1]["role"] == "assistant"
