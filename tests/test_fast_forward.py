@@ -66,3 +66,29 @@ def test_rebuilt_after_the_weights_change() -> None:
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids, 0, KVCache(m.config, 1, 8)), m(ids), atol=3e-5, rtol=1e-4)
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
+
+
+@pytest.mark.slow  # torch.compile: ~10-20 s of tracing and C++ code generation
+def test_compiled_decode_step_matches_the_eager_tokens() -> None:
+    m = model()
+    draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    prompts = [[5, 17, 33, 2, 9], [100, 3], [7] * 12 + [250, 251, 252]]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    engine = Engine(m, max_batch=1, compile=True)
+    fast = engine.generate(prompts, params)
+    assert engine.fast.compile_seconds is not None  # the compiled step did run
+    eager = Engine(m, max_batch=1, fast=False).generate(prompts, params)
+    assert [r.output_ids for r in fast] == [r.output_ids for r in eager]
+    with torch.no_grad():  # logits and the stored keys/values, at one step
+        ids = torch.tensor([prompts[2]])
+        ref_cache, fast_cache = KVCache(m.config, 1, 32), KVCache(m.config, 1, 32)
+        m(ids, 0, ref_cache)
+        engine.fast(ids, 0, fast_cache)
+        step = torch.tensor([[9]])
+        torch.testing.assert_close(engine.fast(step, ids.shape[1], fast_cache), m(step, ids.shape[1], ref_cache),
+                                   atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
+    for p in prompts:
+        assert speculative_generate(m, draft, p, 30, k=3, compile=True).output_ids == \
+            speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids

@@ -101,12 +101,14 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: LlamaModel, max_batch: int = 8, max_len: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None, fast: bool = True) -> None:
+                 decode: Callable[[list[int]], str] | None = None, fast: bool = True,
+                 compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
         `fast` runs forwards whose rows share one position (prefill, batch-1 decode) through
-        `FastForward` (fp32 models; built here from the weights as they are now)."""
+        `FastForward` (fp32 models; built here from the weights as they are now); `compile` adds
+        its compiled batch-1 decode step (pays for a long-running server: seconds to compile)."""
         self.model = model.eval()
-        self.fast = fast_forward(model) if fast else None
+        self.fast = fast_forward(model, compile) if fast else None
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)

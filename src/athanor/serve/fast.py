@@ -10,6 +10,12 @@ operations per layer. This forward computes the same function with ~15:
   (negation is exact, so this equals the reference bit for bit);
 - no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
 
+`compile()` adds a `torch.compile`d batch-1 decode step (one new token after >= 2 cached ones),
+which fuses the elementwise work between the matrix products into generated C++ kernels. To compile
+once for every position it reads the cache as a view of dynamic length, returns the new keys and
+values and stores them outside the graph (a graph that writes into the cache would copy the whole
+cache each step), and attends to the new key by itself: softmax over [q.K_cache, q.k_new].
+
 The model keeps its own parameters (names, HF parity and training are untouched); the stacked
 copies cost ~75% more memory for the projection weights and are built from the weights as they
 are at construction: `fast_forward(model)` gives a cached one, rebuilt when a parameter changed.
@@ -17,6 +23,8 @@ are at construction: `fast_forward(model)` gives a cached one, rebuilt when a pa
 
 from __future__ import annotations
 
+import math
+import time
 import weakref
 
 import torch
@@ -51,6 +59,13 @@ class FastForward:
                 ))
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
         self.head = model.lm_head.weight
+        self._compiled = None
+        self.compile_seconds: float | None = None  # the first compiled call, tracing and code generation
+
+    def compile(self) -> None:
+        """Decode batch-1 steps through a compiled graph from now on (compiled on first use)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._decode_step, fullgraph=True)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
@@ -60,6 +75,9 @@ class FastForward:
         end = start_pos + T
         if end > self.max_pos:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
+        # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
+        if self._compiled is not None and B == T == 1 and start_pos >= 2 and isinstance(cache.rows, slice):
+            return self._compiled_step(input_ids, start_pos, cache)
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         d = self.embed.shape[1]
         cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
@@ -82,17 +100,57 @@ class FastForward:
             x = x + F.linear(F.silu(gate) * up, w_down)
         return F.linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
 
+    def _compiled_step(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+        kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
+        torch._dynamo.mark_dynamic(kc, 3)
+        torch._dynamo.mark_dynamic(vc, 3)
+        t = time.perf_counter()
+        logits, k, v = self._compiled(input_ids, torch.tensor([start_pos], device=input_ids.device), kc, vc)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - t
+        cache.k[:, cache.rows, :, start_pos:start_pos + 1] = k
+        cache.v[:, cache.rows, :, start_pos:start_pos + 1] = v
+        return logits
+
+    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token (ids (1, 1) at position pos (1,)) after cached keys/values kc, vc (layers, 1, kv_heads,
+        pos, head_dim), read only. Returns the logits and the new keys/values (layers, 1, kv_heads, 1, head_dim)."""
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        d = self.embed.shape[1]
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        x = F.embedding(ids, self.embed)
+        ks, vs = [], []
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+            qkv = F.linear(F.rms_norm(x, (d,), ln1, self.eps), w_qkv, b_qkv).view(1, H + 2 * Hkv, hd)
+            qk = torch.addcmul(qkv[:, :H + Hkv] * cos, qkv[:, :H + Hkv].roll(hd // 2, -1), sin)
+            # Grouped-query attention: the H // Hkv query heads of a group share one k/v head.
+            q = qk[:, :H].view(1, Hkv, H // Hkv, hd) * (1 / math.sqrt(hd))
+            k, v = qk[:, H:].view(1, Hkv, 1, hd), qkv[:, H + Hkv:].view(1, Hkv, 1, hd)
+            p = torch.cat([q @ kc[i].transpose(-1, -2), q @ k.transpose(-1, -2)], -1).softmax(-1)
+            y = p[..., :-1] @ vc[i] + p[..., -1:] * v
+            ks.append(k)
+            vs.append(v)
+            x = x + F.linear(y.reshape(1, 1, H * hd), w_o, b_o)
+            gate, up = F.linear(F.rms_norm(x, (d,), ln2, self.eps), w_gu).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        return F.linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head), torch.stack(ks), torch.stack(vs)
+
 
 _built: weakref.WeakKeyDictionary[LlamaModel, tuple[list[int], FastForward]] = weakref.WeakKeyDictionary()
 
 
-def fast_forward(model: LlamaModel) -> FastForward | None:
+def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None:
     """`model`'s FastForward, built on first use and again once any parameter was modified in place
     (tensor version counters: an optimizer step or `load_state_dict` bumps them); None for a model
-    that is not fp32, whose reference forward normalizes in fp32 and casts back."""
+    that is not fp32, whose reference forward normalizes in fp32 and casts back.
+    `compile` turns on its compiled batch-1 decode step (see `FastForward.compile`)."""
     if next(model.parameters()).dtype != torch.float32:
         return None
     versions = [p._version for p in model.parameters()]
     if model not in _built or _built[model][0] != versions:
         _built[model] = (versions, FastForward(model))
-    return _built[model][1]
+    fast = _built[model][1]
+    if compile:
+        fast.compile()
+    return fast

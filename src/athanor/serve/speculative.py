@@ -64,10 +64,11 @@ def verify(p: torch.Tensor, q: torch.Tensor, draft: Sequence[int], generator: to
 @torch.no_grad()
 def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequence[int], max_tokens: int,
                          k: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                         seed: int | None = None, stop_ids: Sequence[int] = (), fast: bool = True
-                         ) -> SpeculativeResult:
+                         seed: int | None = None, stop_ids: Sequence[int] = (), fast: bool = True,
+                         compile: bool = False) -> SpeculativeResult:
     """Generate after `prompt_ids` with the draft proposing `k` tokens per target forward.
-    `fast` runs both models through `FastForward` (see fast.py) where it applies."""
+    `fast` runs both models through `FastForward` (see fast.py) where it applies, `compile` with
+    its compiled decode step (the draft's proposals are batch-1 decode steps)."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise AthanorError("the draft and target models must share a vocabulary (the same tokenizer)")
     started = time.perf_counter()
@@ -79,7 +80,7 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
     # Indexed 0 / 1: the two may be one object (a self-draft).
-    models = [(fast and fast_forward(m)) or m for m in (target, draft)]
+    models = [(fast and fast_forward(m, compile)) or m for m in (target, draft)]
     caches = [KVCache(m.config, 1, limit, device, next(m.parameters()).dtype) for m in (target, draft)]
     done = [0, 0]  # leading tokens of `seq` whose keys/values each cache holds
     out: list[int] = []
