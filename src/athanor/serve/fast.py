@@ -7,7 +7,7 @@ operations per layer. This forward computes the same function with ~15:
   likewise SwiGLU's gate and up projections;
 - rotary embeddings rotate q and k together, and "rotate half" becomes a roll by half a head
   with the sign folded into the sine table: rotate_half(x) * sin == roll(x, hd/2) * [-sin1, sin2]
-  (negation is exact, so this equals the reference bit for bit);
+  (negation is exact, so the rotated term equals the reference's bit for bit);
 - no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
 
 `compile()` adds a `torch.compile`d batch-1 decode step (one new token after >= 2 cached ones),
@@ -17,7 +17,7 @@ values and stores them outside the graph (a graph that writes into the cache wou
 cache each step), and attends to the new key by itself: softmax over [q.K_cache, q.k_new].
 
 The model keeps its own parameters (names, HF parity and training are untouched); the stacked
-copies cost ~75% more memory for the projection weights and are built from the weights as they
+copies add two thirds of the projection weights' memory and are built from the weights as they
 are at construction: `fast_forward(model)` gives a cached one, rebuilt when a parameter changed.
 """
 
