@@ -38,6 +38,11 @@ def test_logits_and_cache_match_the_model(kw: dict) -> None:
         torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
         # The whole sequence in one causal forward agrees with the chunked one at the end.
         torch.testing.assert_close(fast(ids, 0, KVCache(m.config, 2, 32))[:, -1], ref[:, -1], atol=3e-5, rtol=1e-4)
+        # Rows at their own positions (an engine's decode batch), two tokens each.
+        starts, step = torch.tensor([9, 4]), ids[:, :2]
+        for c, f in ((ref_cache, m), (fast_cache, fast)):
+            f(ids[1:, :4], 0, c.select([1]))  # row 1 now holds 4 positions, row 0 holds 9 (and stale ones)
+        torch.testing.assert_close(fast(step, starts, fast_cache), m(step, starts, ref_cache), atol=3e-5, rtol=1e-4)
 
 
 def test_fast_engine_and_speculative_produce_the_eager_tokens() -> None:

@@ -104,11 +104,12 @@ class Engine:
                  decode: Callable[[list[int]], str] | None = None, fast: bool = True,
                  compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
-        `fast` runs forwards whose rows share one position (prefill, batch-1 decode) through
-        `FastForward` (fp32 models; built here from the weights as they are now); `compile` adds
+        `fast` runs the forwards through `FastForward` (fp32 models; built here from the weights
+        as they are now); `compile` adds
         its compiled batch-1 decode step (pays for a long-running server: seconds to compile)."""
         self.model = model.eval()
         self.fast = fast_forward(model, compile) if fast else None
+        self._forward = self.fast or self.model
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
@@ -267,11 +268,6 @@ class Engine:
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(rows)
-
-    def _forward(self, ids: torch.Tensor, start: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.fast is not None and isinstance(start, int):
-            return self.fast(ids, start, cache)
-        return self.model(ids, start, cache)
 
     # -- a sampled token ----------------------------------------------------------------------
     def _accept(self, req: Request, logits: torch.Tensor) -> None:

@@ -68,24 +68,31 @@ class FastForward:
             self._compiled = torch.compile(self._decode_step, fullgraph=True)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
-        """Logits (B, T, V) for `input_ids` at positions [start_pos, start_pos + T), all rows at one
-        position (the model's own forward handles per-row positions); `cache` receives the keys/values."""
+    def __call__(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) for `input_ids` at positions [start_pos, start_pos + T); `cache` receives the
+        keys/values. As in the model, `start_pos` is one int or a (B,) tensor of per-row starts."""
         B, T = input_ids.shape
-        end = start_pos + T
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = int(start_pos.max()) + T if per_row else start_pos + T
         if end > self.max_pos:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
         # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
-        if self._compiled is not None and B == T == 1 and start_pos >= 2 and isinstance(cache.rows, slice):
+        if self._compiled is not None and B == T == 1 and not per_row and start_pos >= 2 \
+                and isinstance(cache.rows, slice):
             return self._compiled_step(input_ids, start_pos, cache)
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         d = self.embed.shape[1]
-        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
         mask = None
-        if start_pos > 0 and T > 1:  # new tokens see the cached prefix and, causally, each other
-            pos = torch.arange(end, device=input_ids.device)
-            mask = pos[None, :] <= pos[start_pos:, None]  # key j <= query position
-        causal = start_pos == 0 and T > 1
+        if per_row:  # row b's query i sits at start_b + i and sees keys up to there
+            pos = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+            cos, sin = self.cos[pos], self.sin[pos]  # (B, T, 1, head_dim)
+            mask = (torch.arange(end, device=input_ids.device) <= pos[..., None])[:, None]
+        else:
+            cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+            if start_pos > 0 and T > 1:  # new tokens see the cached prefix and, causally, each other
+                pos = torch.arange(end, device=input_ids.device)
+                mask = pos[None, :] <= pos[start_pos:, None]  # key j <= query position
+        causal = mask is None and start_pos == 0 and T > 1
         gqa = H != Hkv
         x = F.embedding(input_ids, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
