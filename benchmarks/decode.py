@@ -25,7 +25,7 @@ import torch
 from athanor.model.hf import load_pretrained
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
-from athanor.serve.stage import PROMPTS
+from athanor.serve.stage import PROMPTS, SPECULATIVE_K
 from athanor.tokenizer import Tokenizer
 
 
@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per stream")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--k", type=int, default=4, help="draft tokens proposed per target forward")
+    ap.add_argument("--k", type=int, default=SPECULATIVE_K,
+                    help=f"draft tokens proposed per target forward (default {SPECULATIVE_K}, as the speedrun)")
     ap.add_argument("--compile", action="store_true", help="athanor with torch.compile'd batch-1 decode steps")
     args = ap.parse_args()
     if args.threads:
