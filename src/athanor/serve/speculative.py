@@ -38,8 +38,6 @@ class SpeculativeResult:
 
 
 def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    if temperature <= 0:  # greedy as a one-hot distribution: the test below then accepts iff argmax matches
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return shape_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
@@ -96,13 +94,25 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
     while len(out) < max_tokens:
         n = min(k, max_tokens - len(out) - 1, limit - len(seq) - 1)
         proposal, q = [], []
+        greedy = temperature <= 0
         for _ in range(n):
-            dist = _probs(run(1, proposal[-1:])[-1:], temperature, top_k, top_p)[0]
-            q.append(dist)
-            proposal.append(int(dist.argmax()) if temperature <= 0 else int(torch.multinomial(dist, 1, generator=gen)))
+            logits = run(1, proposal[-1:])[-1]
+            if greedy:
+                proposal.append(int(logits.argmax()))
+            else:
+                q.append(_probs(logits[None], temperature, top_k, top_p)[0])
+                proposal.append(int(torch.multinomial(q[-1], 1, generator=gen)))
         before = len(seq)
-        p = _probs(run(0, proposal), temperature, top_k, top_p)
-        n_ok, nxt = verify(p, torch.stack(q) if q else p[:0], proposal, gen)
+        logits = run(0, proposal)
+        if greedy:
+            # Rejection sampling with one-hot p and q accepts exactly while the draft token is the
+            # target's argmax, and then emits that argmax: compare the ids, skip the distributions.
+            best = logits.argmax(-1).tolist()
+            n_ok = next((i for i, (x, b) in enumerate(zip(proposal, best, strict=False)) if x != b), n)
+            nxt = best[n_ok]
+        else:
+            p = _probs(logits, temperature, top_k, top_p)
+            n_ok, nxt = verify(p, torch.stack(q) if q else p[:0], proposal, gen)
         rounds, proposed, accepted = rounds + 1, proposed + n, accepted + n_ok
         # Keys/values past the accepted tokens are stale; later writes overwrite them.
         done[0] = before + n_ok
