@@ -67,6 +67,9 @@ def test_rebuilt_after_the_weights_change() -> None:
         m.model.layers[0].self_attn.q_proj.weight.mul_(2)
     rebuilt = fast_forward(m)
     assert rebuilt is not first
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)  # new tensors
+    assert fast_forward(m) is not rebuilt
+    rebuilt = fast_forward(m)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids, 0, KVCache(m.config, 1, 8)), m(ids), atol=3e-5, rtol=1e-4)

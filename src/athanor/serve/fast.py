@@ -144,17 +144,19 @@ class FastForward:
         return F.linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head), torch.stack(ks), torch.stack(vs)
 
 
-_built: weakref.WeakKeyDictionary[LlamaModel, tuple[list[int], FastForward]] = weakref.WeakKeyDictionary()
+_built: weakref.WeakKeyDictionary[LlamaModel, tuple[list[tuple[int, int]], FastForward]] = \
+    weakref.WeakKeyDictionary()
 
 
 def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None:
-    """`model`'s FastForward, built on first use and again once any parameter was modified in place
-    (tensor version counters: an optimizer step or `load_state_dict` bumps them); None for a model
-    that is not fp32, whose reference forward normalizes in fp32 and casts back.
+    """`model`'s FastForward, built on first use and again once any parameter was replaced (its
+    storage moved) or modified in place (its version counter: an optimizer step or `load_state_dict`
+    bumps it); None for a model that is not fp32, whose reference forward normalizes in fp32 and
+    casts back.
     `compile` turns on its compiled batch-1 decode step (see `FastForward.compile`)."""
     if next(model.parameters()).dtype != torch.float32:
         return None
-    versions = [p._version for p in model.parameters()]
+    versions = [(p.data_ptr(), p._version) for p in model.parameters()]
     if model not in _built or _built[model][0] != versions:
         _built[model] = (versions, FastForward(model))
     fast = _built[model][1]
