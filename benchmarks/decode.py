@@ -5,6 +5,10 @@
 3. speculative (draft + target) vs plain greedy decode.
 
     python benchmarks/decode.py runs/speedrun            # the draft is runs/speedrun/draft (the speedrun trains it)
+    python benchmarks/decode.py runs/speedrun --compile  # athanor with its compiled batch-1 decode step
+
+athanor runs its fast path (serve/fast.py); `--compile` adds the compiled decode step, warmed up
+before the rounds (the cold compile time is printed).
 
 Rounds alternate the contenders so machine noise falls on both; medians are printed.
 """
@@ -21,7 +25,7 @@ import torch
 from athanor.model.hf import load_pretrained
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
-from athanor.serve.stage import PROMPTS
+from athanor.serve.stage import PROMPTS, SPECULATIVE_K
 from athanor.tokenizer import Tokenizer
 
 
@@ -47,6 +51,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per stream")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--k", type=int, default=SPECULATIVE_K,
+                    help=f"draft tokens proposed per target forward (default {SPECULATIVE_K}, as the speedrun)")
+    ap.add_argument("--compile", action="store_true", help="athanor with torch.compile'd batch-1 decode steps")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,20 +66,25 @@ def main() -> None:
     prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
     rows: dict[str, list[float]] = {k: [] for k in ("athanor b1", "hf b1", "athanor 1 stream", "athanor 8 streams",
                                                     "plain", "speculative", "acceptance")}
-    engine1, engine8 = Engine(target, max_batch=1), Engine(target, max_batch=8)
+    engine1, engine8 = Engine(target, max_batch=1, compile=args.compile), Engine(target, max_batch=8)
+    if args.compile:  # compile both models' decode steps outside the timed rounds
+        t = time.perf_counter()
+        speculative_vs_plain(target, draft, prompts[:1], 8, k=args.k, compile=True)
+        print(f"compile (cold, both models' decode steps): {time.perf_counter() - t:.1f} s")
     for _ in range(args.rounds):
         one = engine_run(engine1, prompts[:1], args.tokens)
         rows["athanor b1"].append(one.decode_tok_s)
         rows["hf b1"].append(hf_decode_tok_s(hf, prompts[0], args.tokens))
         rows["athanor 1 stream"].append(one.aggregate_tok_s)
         rows["athanor 8 streams"].append(engine_run(engine8, prompts[:8], args.tokens).aggregate_tok_s)
-        spec = speculative_vs_plain(target, draft, prompts[:4], args.tokens, k=4)
+        spec = speculative_vs_plain(target, draft, prompts[:4], args.tokens, k=args.k, compile=args.compile)
         assert spec.identical, "speculative greedy output differs from plain greedy output"
         rows["plain"].append(spec.plain_tok_s)
         rows["speculative"].append(spec.speculative_tok_s)
         rows["acceptance"].append(spec.acceptance)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    print(f"threads {torch.get_num_threads()}, {args.tokens} tokens per stream, {args.rounds} rounds (medians)")
+    print(f"threads {torch.get_num_threads()}, {args.tokens} tokens per stream, {args.rounds} rounds (medians), "
+          f"k={args.k}, {'compiled' if args.compile else 'eager'} decode step")
     print(f"batch-1 decode:    athanor {med['athanor b1']:8.0f} tok/s | transformers generate() "
           f"{med['hf b1']:8.0f} tok/s | ratio {med['athanor b1'] / med['hf b1']:.2f}x")
     print(f"concurrency:       8 streams {med['athanor 8 streams']:8.0f} tok/s | 1 stream "

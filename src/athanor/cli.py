@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.command == "demo":
         print(f"athanor: open http://{args.host}:{args.port}/ in a browser (?embed=1 for the compact view)")
     serve(args.run_dir, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
-          frame_ancestors=args.frame_ancestors)
+          frame_ancestors=args.frame_ancestors, compile=args.compile)
 
 
 def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -120,6 +120,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
                         "on a busy machine)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the batch-1 decode step: ~10-20 s on the first request, then faster "
+                        "decoding of single requests (see BENCHMARKS.md)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--frame-ancestors", default="*",
                    help="CSP frame-ancestors: who may embed the demo page in an iframe "

@@ -25,6 +25,7 @@ import torch
 
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
+from athanor.serve.fast import fast_forward
 from athanor.serve.sampling import SamplingParams, apply_penalties, sample_next
 
 
@@ -100,9 +101,15 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: LlamaModel, max_batch: int = 8, max_len: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None) -> None:
-        """`decode` turns token ids into text (for stop strings); without it, text stays empty."""
+                 decode: Callable[[list[int]], str] | None = None, fast: bool = True,
+                 compile: bool = False) -> None:
+        """`decode` turns token ids into text (for stop strings); without it, text stays empty.
+        `fast` runs the forwards through `FastForward` (fp32 models; built here from the weights
+        as they are now); `compile` adds its compiled batch-1 decode step (seconds to compile on
+        first use: worth it for a server, not for a short run)."""
         self.model = model.eval()
+        self.fast = fast_forward(model, compile) if fast else None
+        self._forward = self.fast or self.model
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
@@ -227,7 +234,7 @@ class Engine:
         req._slot, req.cached_tokens = slot, reuse
         self.slot_req[slot] = req
         ids = torch.tensor([req.prompt_ids[reuse:]], device=self.device)
-        logits = self.model(ids, reuse, self.cache.select([slot]))[0]  # (T, V)
+        logits = self._forward(ids, reuse, self.cache.select([slot]))[0]  # (T, V)
         self.slot_tokens[slot] = list(req.prompt_ids)
         if req.params.prompt_logprobs is not None:
             lp = torch.log_softmax(logits[:-1].float(), -1)
@@ -254,7 +261,7 @@ class Engine:
         lengths = [len(self.slot_tokens[s]) for s in rows]
         # Rows at one position (always so at batch 1) take the model's cheaper shared-position path.
         start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
-        logits = self.model(ids, start, self.cache.select(rows))[:, -1]
+        logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
         for s, req, row in zip(rows, reqs, logits, strict=True):
             self.slot_tokens[s].append(req.output_ids[-1])
             self._accept(req, row)

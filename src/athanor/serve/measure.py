@@ -51,9 +51,10 @@ class SpeculativeRun:
 
 
 def speculative_vs_plain(target: LlamaModel, draft: LlamaModel, prompts: Sequence[Sequence[int]], max_tokens: int,
-                         k: int = 4) -> SpeculativeRun:
-    """Greedy generation of each prompt alone: the plain engine vs the draft/target pair."""
-    engine = Engine(target, max_batch=1)
+                         k: int = 4, compile: bool = False) -> SpeculativeRun:
+    """Greedy generation of each prompt alone: the plain engine vs the draft/target pair, both with
+    or both without the compiled decode step."""
+    engine = Engine(target, max_batch=1, compile=compile)
     plain_tokens = spec_tokens = proposed = accepted = rounds = 0
     plain_s = spec_s = 0.0
     identical = True
@@ -61,7 +62,7 @@ def speculative_vs_plain(target: LlamaModel, draft: LlamaModel, prompts: Sequenc
         t = time.perf_counter()
         plain = engine.generate([p], SamplingParams(max_tokens=max_tokens, temperature=0))[0].output_ids
         plain_s += time.perf_counter() - t
-        res = speculative_generate(target, draft, p, max_tokens, k=k, temperature=0)
+        res = speculative_generate(target, draft, p, max_tokens, k=k, temperature=0, compile=compile)
         spec_s += res.seconds
         plain_tokens, spec_tokens = plain_tokens + len(plain), spec_tokens + len(res.output_ids)
         proposed, accepted, rounds = proposed + res.proposed, accepted + res.accepted, rounds + res.rounds

@@ -295,14 +295,14 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
 
 
 def build(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None, frame_ancestors: str = "*",
-          device: str | None = None) -> FastAPI:
+          device: str | None = None, compile: bool = False) -> FastAPI:
     """Load a run directory into an engine and wrap it in the app."""
     from athanor.model.hf import load_pretrained
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(run_dir, device=device)
     tok = Tokenizer.load(run_dir)
-    engine = Engine(model, max_batch=max_batch, decode=tok.decode)
+    engine = Engine(model, max_batch=max_batch, decode=tok.decode, compile=compile)
     return create_app(engine, tok, Path(run_dir).resolve().name, api_key, frame_ancestors)
 
 

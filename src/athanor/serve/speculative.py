@@ -20,6 +20,7 @@ import torch
 
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
+from athanor.serve.fast import fast_forward
 from athanor.serve.sampling import shape_logits
 
 
@@ -37,8 +38,6 @@ class SpeculativeResult:
 
 
 def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    if temperature <= 0:  # greedy as a one-hot distribution: the test below then accepts iff argmax matches
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return shape_logits(logits, temperature, top_k, top_p).softmax(-1)
 
 
@@ -63,8 +62,11 @@ def verify(p: torch.Tensor, q: torch.Tensor, draft: Sequence[int], generator: to
 @torch.no_grad()
 def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequence[int], max_tokens: int,
                          k: int = 4, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                         seed: int | None = None, stop_ids: Sequence[int] = ()) -> SpeculativeResult:
-    """Generate after `prompt_ids` with the draft proposing `k` tokens per target forward."""
+                         seed: int | None = None, stop_ids: Sequence[int] = (), fast: bool = True,
+                         compile: bool = False) -> SpeculativeResult:
+    """Generate after `prompt_ids` with the draft proposing `k` tokens per target forward.
+    `fast` runs both models through `FastForward` (see fast.py) where it applies, `compile` with
+    its compiled decode step (the draft's proposals are batch-1 decode steps)."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise AthanorError("the draft and target models must share a vocabulary (the same tokenizer)")
     started = time.perf_counter()
@@ -75,8 +77,9 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
         raise AthanorError(f"the prompt must have 1 to {limit - 1} tokens", field="prompt")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else torch.seed())
-    models = (target, draft)  # indexed 0 / 1: the two may be one object (a self-draft)
-    caches = [KVCache(m.config, 1, limit, device, next(m.parameters()).dtype) for m in models]
+    # Indexed 0 / 1: the two may be one object (a self-draft).
+    models = [(fast and fast_forward(m, compile)) or m for m in (target, draft)]
+    caches = [KVCache(m.config, 1, limit, device, next(m.parameters()).dtype) for m in (target, draft)]
     done = [0, 0]  # leading tokens of `seq` whose keys/values each cache holds
     out: list[int] = []
     proposed = accepted = rounds = 0
@@ -91,13 +94,25 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
     while len(out) < max_tokens:
         n = min(k, max_tokens - len(out) - 1, limit - len(seq) - 1)
         proposal, q = [], []
+        greedy = temperature <= 0
         for _ in range(n):
-            dist = _probs(run(1, proposal[-1:])[-1:], temperature, top_k, top_p)[0]
-            q.append(dist)
-            proposal.append(int(dist.argmax()) if temperature <= 0 else int(torch.multinomial(dist, 1, generator=gen)))
+            logits = run(1, proposal[-1:])[-1]
+            if greedy:
+                proposal.append(int(logits.argmax()))
+            else:
+                q.append(_probs(logits[None], temperature, top_k, top_p)[0])
+                proposal.append(int(torch.multinomial(q[-1], 1, generator=gen)))
         before = len(seq)
-        p = _probs(run(0, proposal), temperature, top_k, top_p)
-        n_ok, nxt = verify(p, torch.stack(q) if q else p[:0], proposal, gen)
+        logits = run(0, proposal)
+        if greedy:
+            # Rejection sampling with one-hot p and q accepts exactly while the draft token is the
+            # target's argmax, and then emits that argmax: compare the ids, skip the distributions.
+            best = logits.argmax(-1).tolist()
+            n_ok = next((i for i, (x, b) in enumerate(zip(proposal, best, strict=False)) if x != b), n)
+            nxt = best[n_ok]
+        else:
+            p = _probs(logits, temperature, top_k, top_p)
+            n_ok, nxt = verify(p, torch.stack(q) if q else p[:0], proposal, gen)
         rounds, proposed, accepted = rounds + 1, proposed + n, accepted + n_ok
         # Keys/values past the accepted tokens are stale; later writes overwrite them.
         done[0] = before + n_ok

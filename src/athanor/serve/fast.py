@@ -1,0 +1,165 @@
+"""An inference-only forward pass over a `LlamaModel`'s weights with fewer operations per token.
+
+Decoding a few-million-parameter model one token at a time on a CPU is bound by per-operation
+overhead (dispatch, allocation, module calls), not arithmetic: an eager step runs ~35 PyTorch
+operations per layer. This forward computes the same function with ~15:
+- q, k and v come from one matrix product with the three weights stacked (built once here), and
+  likewise SwiGLU's gate and up projections;
+- rotary embeddings rotate q and k together, and "rotate half" becomes a roll by half a head
+  with the sign folded into the sine table: rotate_half(x) * sin == roll(x, hd/2) * [-sin1, sin2]
+  (negation is exact, so the rotated term equals the reference's bit for bit);
+- no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
+
+`compile()` adds a `torch.compile`d batch-1 decode step (one new token after >= 2 cached ones),
+which fuses the elementwise work between the matrix products into generated C++ kernels. To compile
+once for every position it reads the cache as a view of dynamic length, returns the new keys and
+values and stores them outside the graph (a graph that writes into the cache would copy the whole
+cache each step), and attends to the new key by itself: softmax over [q.K_cache, q.k_new].
+
+The model keeps its own parameters (names, HF parity and training are untouched); the stacked
+copies add two thirds of the projection weights' memory and are built from the weights as they
+are at construction: `fast_forward(model)` gives a cached one, rebuilt when a parameter changed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from athanor.model.llama import KVCache, LlamaModel
+
+
+class FastForward:
+    def __init__(self, model: LlamaModel) -> None:
+        c = model.config
+        self.model = model
+        self.n_heads, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.dim_per_head
+        self.eps = c.rms_norm_eps
+        self.max_pos = c.max_position_embeddings
+        half = self.hd // 2
+        # (positions, 1, head_dim): broadcasts over (batch, time, heads, head_dim).
+        self.cos = model.rope_cos[:, None].clone()
+        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1)[:, None]
+        self.layers = []
+        with torch.no_grad():
+            for layer in model.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if c.qkv_bias else None
+                self.layers.append((
+                    layer.input_layernorm.weight,
+                    torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), qkv_b,
+                    a.o_proj.weight, a.o_proj.bias,
+                    layer.post_attention_layernorm.weight,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                    m.down_proj.weight,
+                ))
+        self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
+        self.head = model.lm_head.weight
+        self._compiled = None
+        self.compile_seconds: float | None = None  # the first compiled call, tracing and code generation
+
+    def compile(self) -> None:
+        """Decode batch-1 steps through a compiled graph from now on (compiled on first use)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._decode_step, fullgraph=True)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, V) for `input_ids` at positions [start_pos, start_pos + T); `cache` receives the
+        keys/values. As in the model, `start_pos` is one int or a (B,) tensor of per-row starts."""
+        B, T = input_ids.shape
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = int(start_pos.max()) + T if per_row else start_pos + T
+        if end > self.max_pos:
+            raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
+        # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
+        if self._compiled is not None and B == T == 1 and not per_row and start_pos >= 2 \
+                and isinstance(cache.rows, slice):
+            return self._compiled_step(input_ids, start_pos, cache)
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        d = self.embed.shape[1]
+        mask = None
+        if per_row:  # row b's query i sits at start_b + i and sees keys up to there
+            pos = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
+            cos, sin = self.cos[pos], self.sin[pos]  # (B, T, 1, head_dim)
+            mask = (torch.arange(end, device=input_ids.device) <= pos[..., None])[:, None]
+        else:
+            cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
+            if start_pos > 0 and T > 1:  # new tokens see the cached prefix and, causally, each other
+                pos = torch.arange(end, device=input_ids.device)
+                mask = pos[None, :] <= pos[start_pos:, None]  # key j <= query position
+        causal = mask is None and start_pos == 0 and T > 1
+        gqa = H != Hkv
+        x = F.embedding(input_ids, self.embed)
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+            qkv = F.linear(F.rms_norm(x, (d,), ln1, self.eps), w_qkv, b_qkv).view(B, T, H + 2 * Hkv, hd)
+            qk = qkv[:, :, :H + Hkv]
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)
+            k, v = cache.update(i, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2), start_pos)
+            y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=gqa)
+            x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * hd), w_o, b_o)
+            gate, up = F.linear(F.rms_norm(x, (d,), ln2, self.eps), w_gu).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        return F.linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
+
+    def _compiled_step(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
+        kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
+        torch._dynamo.mark_dynamic(kc, 3)
+        torch._dynamo.mark_dynamic(vc, 3)
+        t = time.perf_counter()
+        logits, k, v = self._compiled(input_ids, torch.tensor([start_pos], device=input_ids.device), kc, vc)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - t
+        cache.k[:, cache.rows, :, start_pos:start_pos + 1] = k
+        cache.v[:, cache.rows, :, start_pos:start_pos + 1] = v
+        return logits
+
+    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token (ids (1, 1) at position pos (1,)) after cached keys/values kc, vc (layers, 1, kv_heads,
+        pos, head_dim), read only. Returns the logits and the new keys/values (layers, 1, kv_heads, 1, head_dim)."""
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        d = self.embed.shape[1]
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        x = F.embedding(ids, self.embed)
+        ks, vs = [], []
+        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+            qkv = F.linear(F.rms_norm(x, (d,), ln1, self.eps), w_qkv, b_qkv).view(1, H + 2 * Hkv, hd)
+            qk = torch.addcmul(qkv[:, :H + Hkv] * cos, qkv[:, :H + Hkv].roll(hd // 2, -1), sin)
+            # Grouped-query attention: the H // Hkv query heads of a group share one k/v head.
+            q = qk[:, :H].view(1, Hkv, H // Hkv, hd) * (1 / math.sqrt(hd))
+            k, v = qk[:, H:].view(1, Hkv, 1, hd), qkv[:, H + Hkv:].view(1, Hkv, 1, hd)
+            p = torch.cat([q @ kc[i].transpose(-1, -2), q @ k.transpose(-1, -2)], -1).softmax(-1)
+            y = p[..., :-1] @ vc[i] + p[..., -1:] * v
+            ks.append(k)
+            vs.append(v)
+            x = x + F.linear(y.reshape(1, 1, H * hd), w_o, b_o)
+            gate, up = F.linear(F.rms_norm(x, (d,), ln2, self.eps), w_gu).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        return F.linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head), torch.stack(ks), torch.stack(vs)
+
+
+_built: weakref.WeakKeyDictionary[LlamaModel, tuple[list[tuple[int, int]], FastForward]] = \
+    weakref.WeakKeyDictionary()
+
+
+def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None:
+    """`model`'s FastForward, built on first use and again once any parameter was replaced (its
+    storage moved) or modified in place (its version counter: an optimizer step or `load_state_dict`
+    bumps it); None for a model that is not fp32, whose reference forward normalizes in fp32 and
+    casts back.
+    `compile` turns on its compiled batch-1 decode step (see `FastForward.compile`)."""
+    if next(model.parameters()).dtype != torch.float32:
+        return None
+    versions = [(p.data_ptr(), p._version) for p in model.parameters()]
+    if model not in _built or _built[model][0] != versions:
+        _built[model] = (versions, FastForward(model))
+    fast = _built[model][1]
+    if compile:
+        fast.compile()
+    return fast

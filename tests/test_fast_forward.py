@@ -1,0 +1,102 @@
+"""The inference fast path computes the model's own function: same logits, same cache, same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model_config
+from serve_helpers import one_thread  # noqa: F401 (autouse fixture)
+
+from athanor.model.llama import KVCache, LlamaModel
+from athanor.serve.engine import Engine
+from athanor.serve.fast import FastForward, fast_forward
+from athanor.serve.sampling import SamplingParams
+from athanor.serve.speculative import speculative_generate
+
+
+def model(**kw) -> LlamaModel:
+    torch.manual_seed(0)
+    return LlamaModel(tiny_model_config(initializer_range=0.25, **kw)).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 4}, {"model_type": "qwen2"},
+                                {"attention_bias": True, "tie_word_embeddings": False}])
+def test_logits_and_cache_match_the_model(kw: dict) -> None:
+    m = model(**kw)
+    with torch.no_grad():
+        for p in m.parameters():  # biases start at zero; make them count
+            p.add_(torch.randn_like(p) * 0.05)
+    fast = FastForward(m)
+    ids = torch.randint(0, 512, (2, 15))
+    ref_cache, fast_cache = KVCache(m.config, 2, 32), KVCache(m.config, 2, 32)
+    with torch.no_grad():
+        # A prompt from position 0, a chunk after a cached prefix (the speculative verify), one decode step.
+        for chunk, start in ((ids[:, :9], 0), (ids[:, 9:14], 9), (ids[:, 14:], 14)):
+            ref = m(chunk, start, ref_cache)
+            torch.testing.assert_close(fast(chunk, start, fast_cache), ref, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
+        # The whole sequence in one causal forward agrees with the chunked one at the end.
+        torch.testing.assert_close(fast(ids, 0, KVCache(m.config, 2, 32))[:, -1], ref[:, -1], atol=3e-5, rtol=1e-4)
+        # Rows at their own positions (an engine's decode batch), two tokens each.
+        starts, step = torch.tensor([9, 4]), ids[:, :2]
+        for c, f in ((ref_cache, m), (fast_cache, fast)):
+            f(ids[1:, :4], 0, c.select([1]))  # row 1 now holds 4 positions, row 0 holds 9 (and stale ones)
+        torch.testing.assert_close(fast(step, starts, fast_cache), m(step, starts, ref_cache), atol=3e-5, rtol=1e-4)
+
+
+def test_fast_engine_and_speculative_produce_the_eager_tokens() -> None:
+    m = model()
+    draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    prompts = [[5, 17, 33, 2, 9], [100, 3], [7] * 12 + [250, 251, 252]]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    for max_batch in (1, 2):
+        fast = Engine(m, max_batch=max_batch).generate(prompts, params)
+        eager = Engine(m, max_batch=max_batch, fast=False).generate(prompts, params)
+        assert [r.output_ids for r in fast] == [r.output_ids for r in eager]
+    for p in prompts:
+        assert speculative_generate(m, draft, p, 20, k=3).output_ids == \
+            speculative_generate(m, draft, p, 20, k=3, fast=False).output_ids
+
+
+def test_rebuilt_after_the_weights_change() -> None:
+    m = model()
+    first = fast_forward(m)
+    assert fast_forward(m) is first
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.weight.mul_(2)
+    rebuilt = fast_forward(m)
+    assert rebuilt is not first
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)  # new tensors
+    assert fast_forward(m) is not rebuilt
+    rebuilt = fast_forward(m)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids, 0, KVCache(m.config, 1, 8)), m(ids), atol=3e-5, rtol=1e-4)
+    assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
+
+
+@pytest.mark.slow  # torch.compile: ~10-20 s of tracing and C++ code generation
+def test_compiled_decode_step_matches_the_eager_tokens() -> None:
+    m = model()
+    draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    prompts = [[5, 17, 33, 2, 9], [100, 3], [7] * 12 + [250, 251, 252]]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    engine = Engine(m, max_batch=1, compile=True)
+    fast = engine.generate(prompts, params)
+    assert engine.fast.compile_seconds is not None  # the compiled step did run
+    eager = Engine(m, max_batch=1, fast=False).generate(prompts, params)
+    assert [r.output_ids for r in fast] == [r.output_ids for r in eager]
+    with torch.no_grad():  # logits and the stored keys/values, at one step
+        ids = torch.tensor([prompts[2]])
+        ref_cache, fast_cache = KVCache(m.config, 1, 32), KVCache(m.config, 1, 32)
+        m(ids, 0, ref_cache)
+        engine.fast(ids, 0, fast_cache)
+        step = torch.tensor([[9]])
+        torch.testing.assert_close(engine.fast(step, ids.shape[1], fast_cache), m(step, ids.shape[1], ref_cache),
+                                   atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
+    for p in prompts:
+        assert speculative_generate(m, draft, p, 30, k=3, compile=True).output_ids == \
+            speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids
