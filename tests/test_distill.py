@@ -10,6 +10,8 @@ import threading
 
 import pytest
 import torch
+from conftest import tiny_model_config
+from teacher_server import TeacherServer
 
 from athanor.cli import main
 from athanor.data.distill import (
@@ -25,8 +27,6 @@ from athanor.data.formats import load_examples
 from athanor.model.hf import save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.rl import sandbox
-from tests.conftest import tiny_model_config
-from tests.teacher_server import TeacherServer
 
 # An untrained model is a poor but real teacher: most of its tasks are too short, so allow many tries.
 CFG = DistillConfig(n=3, max_tokens=20, min_instruction_chars=3, near_dup_jaccard=0.9, max_attempts_factor=60)

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from athanor.cli import main
 from athanor.model.hf import load_pretrained, save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.model.lora import LoraConfig, LoraInfo, LoraLinear, apply_lora, load_adapter, merge_lora, save_adapter
-from tests.conftest import tiny_model_config
 
 X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
 

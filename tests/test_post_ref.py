@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model_config
+from test_lora import trained_lora
+from test_sft import examples
 
 from athanor.model.hf import load_pretrained, save_pretrained
 from athanor.model.llama import LlamaModel
-from athanor.model.lora import LoraConfig, LoraLinear, apply_lora, load_adapter, merge_lora, save_adapter
+from athanor.model.lora import LoraConfig, load_adapter, merge_lora, save_adapter
 from athanor.train.sft import SFTStage, encode_examples, pack
-from tests.conftest import tiny_model_config
-from tests.test_sft import examples
 
 pytestmark = pytest.mark.ref
 X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -18,16 +19,8 @@ X = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
 
 def _adapter(tmp_path, config: LoraConfig):
     """A base model saved in the HF layout and a LoRA adapter with non-zero B saved beside it."""
-    torch.manual_seed(0)
-    base = LlamaModel(tiny_model_config())
+    base, model, info = trained_lora(config)
     save_pretrained(base, tmp_path / "base")
-    model = LlamaModel(tiny_model_config())
-    model.load_state_dict(base.state_dict())
-    info = apply_lora(model, config, seed=1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.lora_B.weight.normal_(0, 0.05)
     save_adapter(model, info, tmp_path / "adapter", base=str(tmp_path / "base"))
     return model
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from athanor.data.formats import Example
 from athanor.data.synth import Task
@@ -17,7 +18,6 @@ from athanor.train import dist
 from athanor.train.behavior import batch_greedy, evaluate_behavior
 from athanor.train.loop import TrainConfig, Trainer
 from athanor.train.sft import IGNORE, SFTDataConfig, SFTRecipe, SFTStage, block_causal_mask, encode_examples, pack, sft
-from tests.conftest import tiny_model_config
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
