@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,6 @@ from athanor.model.llama import LlamaModel, apply_rope, rope_tables
 from athanor.quant.gguf import export_gguf, import_gguf, load_gguf, read_gguf, rope_permute
 from athanor.quant.linear import quantize_model
 from athanor.tokenizer import Tokenizer
-
-gguf = pytest.importorskip("gguf")
 
 
 def make_run(tmp: Path, tokenizer_dir: Path, **kw) -> Path:

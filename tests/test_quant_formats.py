@@ -1,14 +1,13 @@
 """Block formats against gguf-py (which matches ggml's C code bit for bit)."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import quants as gq
 
 from athanor.errors import AthanorError
 from athanor.quant.formats import TYPES, dequantize, quantize
-
-gguf = pytest.importorskip("gguf")
-from gguf import quants as gq  # noqa: E402
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("speedrun", help="run every stage end to end on the embedded default and write report.md",
                        description="Train a tokenizer and a small Llama-style model on the Python standard "
                                    "library, evaluate it on held-out files against a unigram baseline, sample "
-                                   "from it, and write runs/speedrun/report.md. About 5 minutes on 2 CPU cores. "
+                                   "from it, fine-tune it on synthetic tasks (SFT), measure serving (TTFT, decode, "
+                                   "speculative decoding) and quantization damage, and write "
+                                   "runs/speedrun/report.md. About 7 minutes on 2 CPU cores. "
                                    "A run directory that already holds checkpoints is resumed.\n\n" + OVERRIDES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(p)

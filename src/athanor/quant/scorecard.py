@@ -11,7 +11,6 @@ athanor's quantized modules. Written as scorecard.md, scorecard.json and scoreca
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -100,7 +99,6 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
         imatrix = collect_imatrix(base, calibration_tokens(run_dir, cfg.imatrix_tokens, "train", calib_file),
                                   cfg.seq_len)
     encoder = _sentence_encoder() if cfg.embeddings else None
-    write_gguf = cfg.write_gguf and importlib.util.find_spec("gguf") is not None  # the optional `quant` extra
     ref_texts, ref_speed = _answers(base, tok, cfg.answer_tokens)
     ref_emb = encoder.encode(ref_texts, convert_to_tensor=True) if encoder else None
     ref_nll = -ref.gather(1, targets[:, None]).mean().item()
@@ -114,7 +112,7 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
         n_values = sum(q.rows * q.cols for q in weights.values())
         bpw = 8 * sum(q.nbytes for q in weights.values()) / n_values
         size = None
-        if write_gguf:
+        if cfg.write_gguf:
             size = export_gguf(run_dir, out_dir / f"model-{scheme.name}.gguf", scheme, model=base,
                                weights=weights)["bytes"]
         qmodel = quantize_model(load_pretrained(run_dir).eval(), scheme, weights=weights)
@@ -131,7 +129,8 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
                      "perplexity": math.exp(nll), "ppl change %": 100 * (math.exp(nll - ref_nll) - 1),
                      "mean KLD": kld, "top-1 agree %": 100 * agree, "answer similarity": sim,
                      "decode tok/s": speed, "mix": scheme.is_mix, "seconds": time.perf_counter() - t0})
-    meta = {"run_dir": str(run_dir), "gguf": write_gguf, "held_out_tokens": int(targets.numel()), "config": asdict(cfg),
+    meta = {"run_dir": str(run_dir), "gguf": cfg.write_gguf, "held_out_tokens": int(targets.numel()),
+            "config": asdict(cfg),
             "imatrix": bool(imatrix), "embeddings": encoder is not None,
             "labels": {s.name: s.label for s in schemes}}
     atomic_write_text(out_dir / "scorecard.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
