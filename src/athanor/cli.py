@@ -12,11 +12,15 @@ from athanor.errors import AthanorError
 if TYPE_CHECKING:
     from athanor.train.pretrain import PretrainRecipe
 
-OVERRIDES_HELP = """\
-Settings come from the recipe's defaults, then the YAML file given with --recipe, then
---section.key=value overrides, e.g. --train.max_steps=200 --model.hidden_size=512
---data.paths=notes/*.md. Sections: tokenizer, data, model, train (see recipes/ for every key).
-An unknown key is an error."""
+def overrides_help(sections: str, example: str) -> str:
+    """The paragraph every recipe-driven command shares, naming that command's own sections."""
+    return ("Settings come from the recipe's defaults, then the YAML file given with --recipe, then\n"
+            f"--section.key=value overrides, e.g. {example}.\n"
+            f"Sections: {sections}. An unknown key is an error.")
+
+
+OVERRIDES_HELP = overrides_help("tokenizer, data, model, train (recipes/speedrun.yaml lists every key)",
+                                "--train.max_steps=200 --model.hidden_size=512 --data.paths=notes/*.md")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -427,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "measures on held-out tasks how often the model answers (closes its turn) "
                                    "and how often the answer is right. Writes a run directory (the model in "
                                    "the HF layout, eval.json; with --lora also adapter/ in the PEFT layout). "
-                                   "Sections: data, lora, train.\n\n" + OVERRIDES_HELP,
+                                   "\n\n" + overrides_help("data, lora, train (defaults in athanor/train/sft.py)",
+                                                                   "--train.max_steps=300 --lora.r=16"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(p)
     p.add_argument("--base", metavar="DIR", help="the model to fine-tune (athanor run dir or HF checkpoint)")
