@@ -14,6 +14,8 @@ expression named in its docstring, but saves fewer tensors and makes fewer passe
   halves of one gradient buffer (no concatenation).
 
 All are device- and dtype-generic (they use only tensor ops), so they run under CUDA autocast.
+Under `torch.compile` each function returns its plain expression instead: the compiler fuses
+that itself, and Dynamo cannot trace writes into strided `out=` views (a graph break).
 The tests compare each with its plain autograd expression in float64 (tests/test_fused.py).
 """
 
@@ -50,7 +52,19 @@ class _RMSNorm(Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, (d,), weight, eps)` with a fused backward."""
+    if torch.compiler.is_compiling():
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return _RMSNorm.apply(x, weight, eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, plainly: x * cos + rotate_half(x) * sin (transformers' convention)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
@@ -91,6 +105,9 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int
     """q, k, v of shape (B, T, heads, head_dim) from `qkv` (B, T, n_q + 2 n_kv, head_dim), with
     rotary embeddings applied to q and k: `apply_rope(q, cos, sin)` etc. of model/llama.py.
     `cos`/`sin` (..., T, 1, head_dim) broadcast over batch and heads."""
+    if torch.compiler.is_compiling():
+        q, k, v = qkv.split([n_q, n_kv, n_kv], dim=2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
     return _RotaryQKV.apply(qkv, cos, sin, n_q, n_kv)
 
 
@@ -116,4 +133,7 @@ class _SwiGLU(Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """`F.silu(gate) * up` where `gate, up = gate_up.chunk(2, -1)`."""
+    if torch.compiler.is_compiling():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
     return _SwiGLU.apply(gate_up)

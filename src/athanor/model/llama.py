@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from athanor.model.fused import rms_norm, rotary_qkv, swiglu
+from athanor.model.fused import apply_rope, rms_norm, rotary_qkv, rotate_half, swiglu  # noqa: F401 (re-exported)
 from athanor.model.linear_ce import linear_cross_entropy
 
 
@@ -142,15 +142,6 @@ def rope_tables(config: ModelConfig, device: torch.device | None = None) -> tupl
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 class RMSNorm(nn.Module):
