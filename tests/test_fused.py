@@ -106,6 +106,8 @@ def test_stacked_linear_equals_each_layer_and_respects_wrappers_and_hooks() -> N
     a, b, c = nn.Linear(6, 4), nn.Linear(6, 3), nn.Linear(6, 5)
     x = torch.randn(2, 3, 6)
     torch.testing.assert_close(stacked_linear(x, (a, b, c)), torch.cat([a(x), b(x), c(x)], -1))
+    with torch.no_grad():  # the per-layer path of inference
+        torch.testing.assert_close(stacked_linear(x, (a, b, c)), torch.cat([a(x), b(x), c(x)], -1))
     wrapped = _Doubled(b)
     torch.testing.assert_close(stacked_linear(x, (a, wrapped)), torch.cat([a(x), 2 * b(x)], -1))
     seen = []

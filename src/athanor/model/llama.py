@@ -169,10 +169,13 @@ def stacked_linear(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tenso
     q/k/v (and gate/up) read the same input: one product with their weights stacked is a larger,
     faster matmul, in forward and in backward (where it also saves summing three input
     gradients). The concatenation of the weights costs little next to it and autograd splits its
-    gradient back onto each layer's own parameters. Anything but a plain `nn.Linear` without
-    hooks (LoRA, quantized layers, imatrix collection) runs module by module instead.
+    gradient back onto each layer's own parameters. That is for training: at inference the copy
+    would be made for every decoded token (serve/fast.py stacks once instead), so without
+    autograd, and for anything but a plain `nn.Linear` without hooks (LoRA, quantized layers,
+    imatrix collection), the layers run one by one.
     """
-    if all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in linears):
+    plain = all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in linears)
+    if plain and torch.is_grad_enabled():
         return F.linear(x, *stacked_weights(linears))  # type: ignore[arg-type]
     return torch.cat([m(x) for m in linears], dim=-1)
 
