@@ -69,7 +69,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
     """out = x * cos + roll(x, d/2) * sin: with `sin` = [-sin, sin] over the two halves this is
-    "rotate half" (dims i and i + d/2 pair), `apply_rope` of model/llama.py; full-width ops on
+    "rotate half" (dims i and i + d/2 pair), `apply_rope` above; full-width ops on
     contiguous rows run faster than ops on strided half-rows, even with the rolled copy."""
     torch.mul(x, cos, out=out).addcmul_(x.roll(x.shape[-1] // 2, -1), sin)
 
