@@ -12,6 +12,7 @@ without renaming, and the config's field names are those of `LlamaConfig`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athanor.model.fused import apply_rope, rms_norm, rotary_qkv, rotate_half, swiglu  # noqa: F401 (re-exported)
 from athanor.model.linear_ce import linear_cross_entropy
 
 
@@ -142,15 +144,6 @@ def rope_tables(config: ModelConfig, device: torch.device | None = None) -> tupl
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019): no mean subtraction, no bias."""
 
@@ -161,7 +154,30 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 even under bf16 autocast, as Llama does, then cast back.
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return rms_norm(x.float(), self.weight.float(), self.eps).to(x.dtype)
+
+
+def stacked_weights(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights (and biases) of linear layers that read the same input, stacked along the output axis."""
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return torch.cat([m.weight for m in linears]), bias
+
+
+def stacked_linear(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tensor:
+    """`torch.cat([m(x) for m in linears], -1)`, as one matrix product when it can be.
+
+    q/k/v (and gate/up) read the same input: one product with their weights stacked is a larger,
+    faster matmul, in forward and in backward (where it also saves summing three input
+    gradients). The concatenation of the weights costs little next to it and autograd splits its
+    gradient back onto each layer's own parameters. That is for training: at inference the copy
+    would be made for every decoded token (serve/fast.py stacks once instead), so without
+    autograd, and for anything but a plain `nn.Linear` without hooks (LoRA, quantized layers,
+    imatrix collection), the layers run one by one.
+    """
+    plain = all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in linears)
+    if plain and torch.is_grad_enabled():
+        return F.linear(x, *stacked_weights(linears))  # type: ignore[arg-type]
+    return torch.cat([m(x) for m in linears], dim=-1)
 
 
 class Attention(nn.Module):
@@ -178,11 +194,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = stacked_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        qkv = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
+        q, k, v = rotary_qkv(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), self.n_heads, self.n_kv)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start_pos)
         # Grouped-query attention: each group of n_heads / n_kv query heads shares one k/v head.
@@ -203,7 +218,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(stacked_linear(x, (self.gate_proj, self.up_proj))))
 
 
 class DecoderLayer(nn.Module):
@@ -284,12 +299,12 @@ class LlamaModel(nn.Module):
         mask = attention_mask
         if per_row:
             pos = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, head_dim)
+            cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, head_dim)
             if mask is None:  # row b's query i sees keys up to its own position start_b + i
                 mask = (torch.arange(last, device=input_ids.device) <= pos[..., None])[:, None]
         else:
-            cos = self.rope_cos[start_pos:start_pos + T]
-            sin = self.rope_sin[start_pos:start_pos + T]
+            cos = self.rope_cos[start_pos:start_pos + T, None]  # (T, 1, head_dim)
+            sin = self.rope_sin[start_pos:start_pos + T, None]
             if mask is None and start_pos > 0 and T > 1:
                 # New tokens see the whole cached prefix and, causally, each other.
                 i = torch.arange(T, device=input_ids.device)[:, None]
