@@ -30,6 +30,12 @@ def adversarial_rows(cols: int, rows: int = 24, seed: int = 0) -> np.ndarray:
     x[8] = 1e-30
     x[9] = rng.standard_normal(cols) * 1e4
     x[10, : cols // 2] = 0
+    x[11, ::32] = -4.0  # a tie for the largest magnitude, the negative one first
+    x[11, 1::32] = 4.0
+    x[12, ::2] = -0.0  # signed zeros around a tie (the block minimum is nonzero: numpy's and C's
+    x[12, 1::2] = 0.0  # min of -0.0 and 0.0 differ in sign, so gguf-py is not the C reference there)
+    x[12, 3::32] = 1.0
+    x[12, 7::32] = -1.0
     return x
 
 
@@ -42,6 +48,15 @@ def test_legacy_types_bit_exact_with_gguf(name: str) -> None:
     assert np.array_equal(ours, ref)
     back = dequantize(torch.from_numpy(ours), name, 512).numpy()
     assert np.array_equal(back, gq.dequantize(ref, gguf.GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_types_bit_exact_across_chunks(name: str) -> None:
+    """A matrix larger than one work chunk (512K weights), ending in a partial chunk."""
+    x = np.random.default_rng(3).standard_normal((600, 1024)).astype(np.float32)
+    x[:, 5::32] = np.float32(0.49999997) * np.abs(x[:, 5::32]).max()  # values that roundf may misround
+    ref = gq.quantize(x, gguf.GGMLQuantizationType[name])
+    assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), ref)
 
 
 @pytest.mark.parametrize("name", KQUANTS)
