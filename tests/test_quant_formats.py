@@ -59,6 +59,16 @@ def test_legacy_types_bit_exact_across_chunks(name: str) -> None:
     assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), ref)
 
 
+def test_ternary_tq2_0_bit_exact_with_gguf() -> None:
+    x = adversarial_rows(1024)
+    ref = gq.quantize(x, gguf.GGMLQuantizationType.TQ2_0)
+    ours = quantize(torch.from_numpy(x), "TQ2_0").numpy()
+    assert np.array_equal(ours, ref)
+    back = dequantize(torch.from_numpy(ours), "TQ2_0", 1024).numpy()
+    assert np.array_equal(back, gq.dequantize(ref, gguf.GGMLQuantizationType.TQ2_0))
+    assert len(np.unique(back[13, :256])) == 3  # ternary: -d, 0, d
+
+
 @pytest.mark.parametrize("name", KQUANTS)
 def test_kquant_bytes_dequantize_identically_under_gguf(name: str) -> None:
     x = adversarial_rows(1024)

@@ -50,6 +50,7 @@ TYPES: dict[str, QuantType] = {t.name: t for t in [
     QuantType("Q4_K", 12, QK_K, 2 + 2 + 12 + QK_K // 2),             # d, dmin, 6-bit scales/mins, 4-bit
     QuantType("Q5_K", 13, QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # ... plus high bits
     QuantType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # low 4, high 2, int8 scales, d
+    QuantType("TQ2_0", 35, QK_K, QK_K // 4 + 2),                    # ternary 2-bit codes, then d
 ]}
 TYPES_BY_ID = {t.ggml_id: t for t in TYPES.values()}
 
@@ -124,12 +125,16 @@ _LEGACY_DEQUANT: dict[str, Dequantizer] = {
 }
 
 
-def _dequantizer(t: QuantType) -> Dequantizer:
-    if t.name in _LEGACY_DEQUANT:
-        return _LEGACY_DEQUANT[t.name]
+def _block_codec(t: QuantType) -> tuple[Quantizer, Dequantizer]:
+    """The K-quants' and TQ2_0's (super-blocks of 256) quantizer and dequantizer."""
     from athanor.quant.kquants import KQUANTS
+    from athanor.quant.ternary import TERNARY
 
-    return KQUANTS[t.name][1]
+    return KQUANTS[t.name] if t.name in KQUANTS else TERNARY[t.name]
+
+
+def _dequantizer(t: QuantType) -> Dequantizer:
+    return _LEGACY_DEQUANT[t.name] if t.name in _LEGACY_DEQUANT else _block_codec(t)[1]
 
 
 # Work goes in chunks so that temporaries stay in cache. The legacy types chunk by blocks (they
@@ -176,9 +181,7 @@ def quantize(weight: torch.Tensor, qtype: str | QuantType, importance: torch.Ten
     if t.name in _LEGACY_DEQUANT:
         _quantize_legacy(w2, t, out)
         return out
-    from athanor.quant.kquants import KQUANTS
-
-    quant = KQUANTS[t.name][0]
+    quant = _block_codec(t)[0]
     step = max(1, _KQUANT_CHUNK_ELEMENTS // cols)
     imp = None
     if importance is not None:
