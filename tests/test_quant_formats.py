@@ -54,7 +54,6 @@ def test_legacy_types_bit_exact_with_gguf(name: str) -> None:
 def test_legacy_types_bit_exact_across_chunks(name: str) -> None:
     """A matrix larger than one work chunk (512K weights), ending in a partial chunk."""
     x = np.random.default_rng(3).standard_normal((600, 1024)).astype(np.float32)
-    x[:, 5::32] = np.float32(0.49999997) * np.abs(x[:, 5::32]).max()  # values that roundf may misround
     ref = gq.quantize(x, gguf.GGMLQuantizationType[name])
     assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), ref)
 
@@ -67,6 +66,18 @@ def test_ternary_tq2_0_bit_exact_with_gguf() -> None:
     back = dequantize(torch.from_numpy(ours), "TQ2_0", 1024).numpy()
     assert np.array_equal(back, gq.dequantize(ref, gguf.GGMLQuantizationType.TQ2_0))
     assert len(np.unique(back[13, :256])) == 3  # ternary: -d, 0, d
+
+
+def test_q8_0_rounds_halves_away_from_zero_like_roundf() -> None:
+    """Blocks whose maximum is 127 have d = 1, so x / d is x itself: put every half-integer and its
+    float32 neighbours there (0.49999997 + 0.5 rounds up to 1.0 in float32, a classic misrounding)."""
+    halves = np.arange(0, 127, dtype=np.float32) + np.float32(0.5)
+    vals = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 200)])
+    vals = np.concatenate([vals, -vals]).astype(np.float32)
+    vals = np.resize(vals, (len(vals) + 30) // 31 * 31).reshape(-1, 31)
+    x = np.concatenate([np.full((len(vals), 1), 127, np.float32), vals], axis=1).reshape(1, -1)
+    ref = gq.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(quantize(torch.from_numpy(x), "Q8_0").numpy(), ref)
 
 
 @pytest.mark.parametrize("name", KQUANTS)
