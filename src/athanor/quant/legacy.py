@@ -3,7 +3,8 @@
 Quantization rounds exactly as ggml's reference C code (`quantize_row_*_ref` in ggml-quants.c)
 and its numpy twin `gguf.quants`, bit for bit: every float step is a separate float32 operation
 in the reference's order (no fused multiply-add). What differs is how the work is arranged, for
-speed on a CPU where each eager torch op costs microseconds and boolean ops are unvectorized:
+speed on a CPU where each eager torch op costs microseconds and comparisons or `where` cost
+10-25 us even on 8K elements (measured here):
 
 - few full passes over the weights, each writing into preallocated buffers;
 - the signed absolute maximum of Q4_0/Q5_0 from `amax` and `amin` (plain float reductions)
