@@ -5,12 +5,16 @@
    can quantize (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1); athanor's K-quants (which gguf-py cannot
    quantize) are timed alone. Goal (issue 5): at least 5x.
 2. Decode tokens/s at batch 1, greedy, of athanor's quantized modules vs llama.cpp
-   (llama-cpp-python, when installed) on the same GGUF file, for Q8_0 and Q4_0 (and F32).
+   (llama-cpp-python, when installed) on the same GGUF file, for Q8_0 and Q4_0 (and F32):
+   athanor with exact dequantized products, and with torch's int4 kernel in bf16
+   (`quantize_model(kernel=True)`, rows "+int4k"). `--decode-shape` swaps in random weights
+   of a bigger shape (with the run's tokenizer), where streaming the weights dominates.
 
 Rounds alternate between the two sides; medians are printed with the ratio.
 
     python benchmarks/quant.py                           # the speedrun model shape, random weights
     python benchmarks/quant.py --run-dir runs/speedrun   # a trained run directory
+    python benchmarks/quant.py --run-dir runs/speedrun --decode-shape 1024,2816,8 --skip-quantize
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from athanor.model.hf import load_pretrained, save_pretrained
 from athanor.model.llama import LlamaModel, ModelConfig
 from athanor.quant.formats import quantize
 from athanor.quant.gguf import export_gguf
-from athanor.quant.linear import quantize_model
+from athanor.quant.linear import model_nbytes, quantize_model, quantize_weights
 from athanor.serve.generate import generate
 from athanor.tokenizer import Tokenizer, TokenizerConfig
 
@@ -77,6 +81,21 @@ def _toy_run(out: Path) -> Path:
     return out
 
 
+def _bigger_run(run_dir: Path, shape: str, out: Path) -> Path:
+    """Random weights of shape HIDDEN,INTERMEDIATE,LAYERS (64-dim heads, 4 query heads per KV
+    head) with run_dir's tokenizer: speed only, the text it writes is noise."""
+    hidden, inter, layers = (int(v) for v in shape.split(","))
+    tok = Tokenizer.load(run_dir)
+    torch.manual_seed(0)
+    heads = hidden // 64
+    model = LlamaModel(ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=max(1, heads // 4)))
+    save_pretrained(model, out)
+    tok.save(out)
+    return out
+
+
 def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
     try:
         import llama_cpp
@@ -86,13 +105,15 @@ def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
     tok = Tokenizer.load(run_dir)
     prompt = [tok.bos_id, *tok.encode("def main():\n    ")]
     print(f"\n## decode tokens/s, batch 1, greedy, {tokens} new tokens, {torch.get_num_threads()} threads")
-    print(f"{'type':8} {'athanor':>10} {'llama.cpp':>10} {'ratio':>7}")
+    print(f"{'type':11} {'athanor':>10} {'llama.cpp':>10} {'ratio':>7}")
     for scheme in ["F32", "Q8_0", "Q4_0"]:
         path = tmp / f"m-{scheme}.gguf"
         export_gguf(run_dir, path, scheme)
-        model = load_pretrained(run_dir).eval()
+        models = {scheme: load_pretrained(run_dir).eval()}
         if scheme != "F32":
-            model = quantize_model(model, scheme)
+            weights = quantize_weights(models[scheme], scheme)
+            models = {scheme: quantize_model(load_pretrained(run_dir).eval(), scheme, weights=weights),
+                      f"{scheme}+int4k": quantize_model(models[scheme], scheme, weights=weights, kernel=True)}
         llm = None
         if llama_cpp is not None:
             llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=torch.get_num_threads(), verbose=False)
@@ -103,18 +124,20 @@ def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
                 if n == tokens:
                     break
 
-        ours_t, theirs_t = [], []
+        ours_t, theirs_t = {name: [] for name in models}, []
         for _ in range(rounds):
-            ours_t.append(_median_time(lambda m=model: generate(m, prompt, tokens, temperature=0), 1))
+            for name, model in models.items():
+                ours_t[name].append(_median_time(lambda m=model: generate(m, prompt, tokens, temperature=0), 1))
             if llm is not None:
                 theirs_t.append(_median_time(theirs, 1))
-        a = tokens / statistics.median(ours_t)
-        if llm is None:
-            print(f"{scheme:8} {a:10.1f} {'-':>10}")
-            continue
-        b = tokens / statistics.median(theirs_t)
-        llm.close()
-        print(f"{scheme:8} {a:10.1f} {b:10.1f} {a / b:6.2f}x")
+        b = tokens / statistics.median(theirs_t) if llm is not None else None
+        if llm is not None:
+            llm.close()
+        for name, times in ours_t.items():
+            a = tokens / statistics.median(times)
+            mb = model_nbytes(models[name]) / 1e6
+            peer = f"{b:10.1f} {a / b:6.2f}x" if b else f"{'-':>10}"
+            print(f"{name:11} {a:10.1f} {peer}   ({mb:.1f} MB of weights)")
 
 
 def main() -> None:
@@ -126,12 +149,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-quantize", action="store_true")
+    ap.add_argument("--decode-shape", help="HIDDEN,INTERMEDIATE,LAYERS: decode random weights of this shape "
+                                           "with the run's tokenizer (e.g. 1024,2816,8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bench_quantize(args.rows, args.cols, args.rounds)
+    if not args.skip_quantize:
+        bench_quantize(args.rows, args.cols, args.rounds)
     if not args.skip_decode:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = args.run_dir or _toy_run(Path(tmp) / "run")
+            if args.decode_shape:
+                run_dir = _bigger_run(run_dir, args.decode_shape, Path(tmp) / "bigger")
+                print(f"\n(decode: random weights, shape {args.decode_shape}, {run_dir} tokenizer)")
             bench_decode(run_dir, args.tokens, args.rounds, Path(tmp))
 
 

@@ -30,6 +30,12 @@ def adversarial_rows(cols: int, rows: int = 24, seed: int = 0) -> np.ndarray:
     x[8] = 1e-30
     x[9] = rng.standard_normal(cols) * 1e4
     x[10, : cols // 2] = 0
+    x[11, ::32] = -4.0  # a tie for the largest magnitude, the negative one first
+    x[11, 1::32] = 4.0
+    x[12, ::2] = -0.0  # signed zeros around a tie (the block minimum is nonzero: numpy's and C's
+    x[12, 1::2] = 0.0  # min of -0.0 and 0.0 differ in sign, so gguf-py is not the C reference there)
+    x[12, 3::32] = 1.0
+    x[12, 7::32] = -1.0
     return x
 
 
@@ -42,6 +48,36 @@ def test_legacy_types_bit_exact_with_gguf(name: str) -> None:
     assert np.array_equal(ours, ref)
     back = dequantize(torch.from_numpy(ours), name, 512).numpy()
     assert np.array_equal(back, gq.dequantize(ref, gguf.GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_types_bit_exact_across_chunks(name: str) -> None:
+    """A matrix larger than one work chunk (512K weights), ending in a partial chunk."""
+    x = np.random.default_rng(3).standard_normal((600, 1024)).astype(np.float32)
+    ref = gq.quantize(x, gguf.GGMLQuantizationType[name])
+    assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), ref)
+
+
+def test_ternary_tq2_0_bit_exact_with_gguf() -> None:
+    x = adversarial_rows(1024)
+    ref = gq.quantize(x, gguf.GGMLQuantizationType.TQ2_0)
+    ours = quantize(torch.from_numpy(x), "TQ2_0").numpy()
+    assert np.array_equal(ours, ref)
+    back = dequantize(torch.from_numpy(ours), "TQ2_0", 1024).numpy()
+    assert np.array_equal(back, gq.dequantize(ref, gguf.GGMLQuantizationType.TQ2_0))
+    assert len(np.unique(back[13, :256])) == 3  # ternary: -d, 0, d
+
+
+def test_q8_0_rounds_halves_away_from_zero_like_roundf() -> None:
+    """Blocks whose maximum is 127 have d = 1, so x / d is x itself: put every half-integer and its
+    float32 neighbours there (0.49999997 + 0.5 rounds up to 1.0 in float32, a classic misrounding)."""
+    halves = np.arange(0, 127, dtype=np.float32) + np.float32(0.5)
+    vals = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 200)])
+    vals = np.concatenate([vals, -vals]).astype(np.float32)
+    vals = np.resize(vals, (len(vals) + 30) // 31 * 31).reshape(-1, 31)
+    x = np.concatenate([np.full((len(vals), 1), 127, np.float32), vals], axis=1).reshape(1, -1)
+    ref = gq.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(quantize(torch.from_numpy(x), "Q8_0").numpy(), ref)
 
 
 @pytest.mark.parametrize("name", KQUANTS)

@@ -86,6 +86,26 @@ def test_quant_linear_keeps_bias() -> None:
     assert torch.allclose(QuantLinear(QWeight(q), bias)(x), x @ w.t() + bias, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q8_0"])
+def test_int4_kernel_matches_exact_product_within_bf16(name: str) -> None:
+    """The int4 kernel path carries the same codes; its only error is bf16 rounding (scales,
+    activations, outputs), and the exact weights stay available for the fused loss."""
+    q = quantize_weights(_model(), name)["model.layers.0.mlp.up_proj.weight"]
+    qw = QWeight(q)
+    bias = torch.randn(q.rows)
+    x = torch.randn(5, q.cols)
+    exact = QuantLinear(qw, bias)
+    fast = QuantLinear(qw, bias, kernel=True)
+    if fast.kernel is None:
+        pytest.skip("this torch has no int4 CPU kernel")
+    want, got = exact(x), fast(x)
+    err = (got - want).abs().max() / want.abs().max()
+    assert 0 < err < 2e-2  # bf16 rounding, not a wrong layout (that would be O(1))
+    assert torch.equal(fast.weight, exact.weight)
+    m = quantize_model(_model(), name, kernel=True)
+    assert model_nbytes(m) > model_nbytes(quantize_model(_model(), name))  # its packed copy is counted
+
+
 @pytest.fixture(scope="module")
 def run_with_text(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> tuple[Path, Path]:
     return train_tiny_run(tmp_path_factory.mktemp("quantrun"), tokenizer_dir)

@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", metavar="PATH", help="for an ACTION: the run directory (or .gguf to import)")
     p.add_argument("--types", default="F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K,Q2_K",
                    help="comma-separated types to score (pure: F32 F16 Q8_0 Q6_K Q5_K Q5_1 Q5_0 Q4_K Q4_1 Q4_0 "
-                        "Q3_K Q2_K; mixes: Q5_K_M Q4_K_M Q3_K_M)")
+                        "Q3_K Q2_K TQ2_0 (ternary); mixes: Q5_K_M Q4_K_M Q3_K_M)")
     p.add_argument("--type", default="Q4_K_M", help="export: the type of the GGUF file (default Q4_K_M)")
     p.add_argument("--out", metavar="PATH", help="output file or directory (defaults inside the run directory)")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix from `athanor quantize imatrix`")

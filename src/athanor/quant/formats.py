@@ -5,8 +5,7 @@ codes. The byte layouts mirror ggml's (`ggml-common.h`; types and ids as in the 
 blocks written here go into a GGUF file as they are and llama.cpp reads them.
 
 The legacy types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) round exactly as ggml's reference C code does
-(`quantize_row_*_ref`), hence bit-exact with it and with `gguf.quants`; every step is a separate
-float32 operation in the same order (no fused multiply-add), which is what makes that hold.
+(`quantize_row_*_ref`), hence bit-exact with it and with `gguf.quants`: see `legacy.py`.
 The K-quants (super-blocks of 256 with quantized sub-block scales) search their scales instead:
 see `kquants.py`.
 """
@@ -51,6 +50,7 @@ TYPES: dict[str, QuantType] = {t.name: t for t in [
     QuantType("Q4_K", 12, QK_K, 2 + 2 + 12 + QK_K // 2),             # d, dmin, 6-bit scales/mins, 4-bit
     QuantType("Q5_K", 13, QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),  # ... plus high bits
     QuantType("Q6_K", 14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # low 4, high 2, int8 scales, d
+    QuantType("TQ2_0", 35, QK_K, QK_K // 4 + 2),                    # ternary 2-bit codes, then d
 ]}
 TYPES_BY_ID = {t.ggml_id: t for t in TYPES.values()}
 
@@ -84,82 +84,23 @@ def unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 0x0F, b >> 4], dim=-1)
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(n, 32) of 0/1 -> (n, 4) bytes, element j in bit j % 8 of byte j // 8 (a little-endian uint32)."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return (bits.view(bits.shape[0], 4, 8) << shifts).sum(-1, dtype=torch.uint8)
-
-
 def unpack_bits(b: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8)
     return ((b.unsqueeze(-1) >> shifts) & 1).reshape(b.shape[0], -1)
 
 
-def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-
-
-def _round_away(x: torch.Tensor) -> torch.Tensor:
-    """roundf (half away from zero), as floor(|x|) + floor(2 * frac) to match ggml's numpy twin exactly."""
-    a = x.abs()
-    fl = a.floor()
-    return torch.sign(x) * (fl + (2 * (a - fl)).floor())
-
-
-def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
-    """The entry of largest magnitude, with its sign (the first one on ties), shape (n, 1)."""
-    return torch.gather(x, 1, x.abs().argmax(dim=1, keepdim=True))
-
-
 # -- legacy block types (32 weights per block) ------------------------------------------------
-
-def _q8_0(x: torch.Tensor) -> torch.Tensor:
-    d = x.abs().amax(dim=1, keepdim=True) / 127
-    q = _round_away(x * _safe_inverse(d)).to(torch.int8).view(torch.uint8)
-    return torch.cat([f16_bytes(d), q], dim=1)
-
 
 def _dq8_0(b: torch.Tensor) -> torch.Tensor:
     return f16_from(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
-
-
-def _sym_codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_0/Q5_0: d = signed max / -(levels/2), codes trunc(x/d + levels/2 + 0.5) in [0, levels)."""
-    half = levels // 2
-    d = _signed_absmax(x) / -half
-    q = torch.trunc(x * _safe_inverse(d) + (half + 0.5)).clamp(0, levels - 1).to(torch.uint8)
-    return d, q
-
-
-def _affine_codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1/Q5_1: x ~ d * q + m with m the block minimum, codes trunc((x - m)/d + 0.5)."""
-    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
-    d = (hi - lo) / (levels - 1)
-    q = torch.trunc((x - lo) * _safe_inverse(d) + 0.5).clamp(0, levels - 1).to(torch.uint8)
-    return d, lo, q
-
-
-def _q4_0(x: torch.Tensor) -> torch.Tensor:
-    d, q = _sym_codes(x, 16)
-    return torch.cat([f16_bytes(d), pack_nibbles(q)], dim=1)
 
 
 def _dq4_0(b: torch.Tensor) -> torch.Tensor:
     return f16_from(b[:, :2]) * (unpack_nibbles(b[:, 2:]).float() - 8)
 
 
-def _q4_1(x: torch.Tensor) -> torch.Tensor:
-    d, m, q = _affine_codes(x, 16)
-    return torch.cat([f16_bytes(d), f16_bytes(m), pack_nibbles(q)], dim=1)
-
-
 def _dq4_1(b: torch.Tensor) -> torch.Tensor:
     return f16_from(b[:, :2]) * unpack_nibbles(b[:, 4:]).float() + f16_from(b[:, 2:4])
-
-
-def _q5_0(x: torch.Tensor) -> torch.Tensor:
-    d, q = _sym_codes(x, 32)
-    return torch.cat([f16_bytes(d), pack_bits(q >> 4), pack_nibbles(q & 0x0F)], dim=1)
 
 
 def _q5_codes(b: torch.Tensor) -> torch.Tensor:
@@ -170,41 +111,51 @@ def _dq5_0(b: torch.Tensor) -> torch.Tensor:
     return f16_from(b[:, :2]) * (_q5_codes(b).float() - 16)
 
 
-def _q5_1(x: torch.Tensor) -> torch.Tensor:
-    d, m, q = _affine_codes(x, 32)
-    return torch.cat([f16_bytes(d), f16_bytes(m), pack_bits(q >> 4), pack_nibbles(q & 0x0F)], dim=1)
-
-
 def _dq5_1(b: torch.Tensor) -> torch.Tensor:
     return f16_from(b[:, :2]) * _q5_codes(b).float() + f16_from(b[:, 2:4])
 
 
 # Per type: quantize (blocks (n, block_size) float32, importance (n, block_size) or None)
-# -> (n, type_size) uint8, and dequantize back. The legacy types ignore the importance
-# weights: their reference rounding has no search to weight.
+# -> (n, type_size) uint8, and dequantize back. The legacy types quantize in legacy.py, into
+# the output in place; they take no importance weights: their reference rounding has no search.
 Quantizer = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Dequantizer = Callable[[torch.Tensor], torch.Tensor]
-_LEGACY: dict[str, tuple[Quantizer, Dequantizer]] = {
-    "Q8_0": (lambda x, w: _q8_0(x), _dq8_0),
-    "Q4_0": (lambda x, w: _q4_0(x), _dq4_0),
-    "Q4_1": (lambda x, w: _q4_1(x), _dq4_1),
-    "Q5_0": (lambda x, w: _q5_0(x), _dq5_0),
-    "Q5_1": (lambda x, w: _q5_1(x), _dq5_1),
+_LEGACY_DEQUANT: dict[str, Dequantizer] = {
+    "Q8_0": _dq8_0, "Q4_0": _dq4_0, "Q4_1": _dq4_1, "Q5_0": _dq5_0, "Q5_1": _dq5_1,
 }
 
 
-def _codec(t: QuantType) -> tuple[Quantizer, Dequantizer]:
-    if t.name in _LEGACY:
-        return _LEGACY[t.name]
+def _block_codec(t: QuantType) -> tuple[Quantizer, Dequantizer]:
+    """The K-quants' and TQ2_0's (super-blocks of 256) quantizer and dequantizer."""
     from athanor.quant.kquants import KQUANTS
+    from athanor.quant.ternary import TERNARY
 
-    return KQUANTS[t.name]
+    return KQUANTS[t.name] if t.name in KQUANTS else TERNARY[t.name]
 
 
-# Rows are processed in chunks small enough that every temporary stays in cache-sized buffers
-# (large ones cost a page-fault storm per op): measured best at 64K weights for the legacy
-# types and 16K for the K-quants, whose search holds (blocks x 41 candidates x elements).
-_CHUNK_ELEMENTS = {32: 1 << 16, QK_K: 1 << 14}
+def _dequantizer(t: QuantType) -> Dequantizer:
+    return _LEGACY_DEQUANT[t.name] if t.name in _LEGACY_DEQUANT else _block_codec(t)[1]
+
+
+# Work goes in chunks so that temporaries stay in cache. The legacy types chunk by blocks (they
+# are independent) with scratch buffers reused across chunks: 512K weights measured best of
+# 128K-512K (each eager op costs microseconds per chunk, against 2 MiB buffers in L2). The
+# K-quants chunk by rows at 16K weights: their search holds (blocks x 41 candidates x elements).
+_LEGACY_CHUNK_BLOCKS = 1 << 14
+_KQUANT_CHUNK_ELEMENTS = 1 << 14
+
+
+def _quantize_legacy(w2: torch.Tensor, t: QuantType, out: torch.Tensor) -> None:
+    from athanor.quant.legacy import QUANTIZERS
+
+    quant = QUANTIZERS[t.name]
+    blocks, out_blocks = w2.contiguous().view(-1, 32), out.view(-1, t.type_size)
+    step = min(_LEGACY_CHUNK_BLOCKS, blocks.shape[0])
+    buf, scratch = torch.empty(step, 32), torch.empty(step, 32, dtype=torch.int32)
+    for b in range(0, blocks.shape[0], step):
+        x = blocks[b:b + step]
+        n = x.shape[0]
+        quant(x, out_blocks[b:b + n], buf[:n], scratch[:n])
 
 
 def quantize(weight: torch.Tensor, qtype: str | QuantType, importance: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,10 +176,13 @@ def quantize(weight: torch.Tensor, qtype: str | QuantType, importance: torch.Ten
     if cols % t.block_size:
         raise AthanorError(f"a row of {cols} values does not split into {t.name} blocks of {t.block_size}",
                            field="type")
-    quant, _ = _codec(t)
     per_row = cols // t.block_size
     out = torch.empty(rows, per_row * t.type_size, dtype=torch.uint8)
-    step = max(1, _CHUNK_ELEMENTS[t.block_size] // cols)
+    if t.name in _LEGACY_DEQUANT:
+        _quantize_legacy(w2, t, out)
+        return out
+    quant = _block_codec(t)[0]
+    step = max(1, _KQUANT_CHUNK_ELEMENTS // cols)
     imp = None
     if importance is not None:
         imp = importance.detach().to("cpu", torch.float32).reshape(1, per_row, t.block_size)
@@ -249,5 +203,4 @@ def dequantize(data: torch.Tensor, qtype: str | QuantType, cols: int) -> torch.T
         return data.contiguous().view(torch.float32).reshape(rows, cols)
     if t.name == "F16":
         return data.contiguous().view(torch.float16).float().reshape(rows, cols)
-    _, dequant = _codec(t)
-    return dequant(data.reshape(-1, t.type_size)).reshape(rows, cols)
+    return _dequantizer(t)(data.reshape(-1, t.type_size)).reshape(rows, cols)

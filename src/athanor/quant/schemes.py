@@ -9,7 +9,7 @@ in every scheme (they are tiny, and llama.cpp expects them so).
 
 K-quants need rows that are a multiple of 256 long; where a row is not, the type falls back as
 llama.cpp does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0 here since athanor has
-no IQ4_NL), and a legacy type on rows not a multiple of 32 falls back to F16.
+no IQ4_NL, TQ2_0 -> Q4_0), and a legacy type on rows not a multiple of 32 falls back to F16.
 """
 
 from __future__ import annotations
@@ -52,12 +52,13 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in [
     Scheme("Q4_K", "Q4_K", None, 14),
     Scheme("Q3_K", "Q3_K", None, 11),
     Scheme("Q2_K", "Q2_K", None, 10),
+    Scheme("TQ2_0", "TQ2_0", None, 37),
     Scheme("Q5_K_M", "Q5_K", "Q6_K", 17),
     Scheme("Q4_K_M", "Q4_K", "Q6_K", 15),
     Scheme("Q3_K_M", "Q3_K", "Q5_K", 12),
 ]}
 
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "TQ2_0": "Q4_0"}
 
 
 def get_scheme(name: str) -> Scheme:
