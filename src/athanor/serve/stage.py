@@ -4,14 +4,13 @@ measure the engine (time to first token, decode rates) and speculative decoding 
 from __future__ import annotations
 
 import copy
-import shutil
 from typing import TYPE_CHECKING
 
 import torch
 
 from athanor.model.hf import load_pretrained
-from athanor.model.llama import ModelConfig
 from athanor.report import markdown_table
+from athanor.serve.draft import distill_draft
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
 from athanor.tokenizer import Tokenizer
@@ -19,43 +18,26 @@ from athanor.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from athanor.speedrun import Context, Section
 
-DRAFT_STEPS = 200  # ~40 s at the ~22k tok/s a 0.9M draft trains at on 2 cores; the stage budget is 100 s
+DRAFT_STEPS = 300  # ~40 s at the ~20k tok/s a 0.9M draft trains at on 2 cores, after ~25 s of teacher data
 # Batch-1 decode of a few-million-parameter model is bound by per-operation overhead, not FLOPs: a
 # second thread only adds synchronization, and on a shared machine its spin-waits cost 10x (measured:
 # 380 vs 28 tok/s at load 5). Measurements run on one thread; the report says so.
 MEASURE_THREADS = 1
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range(", "if __name__ == ", "# ", "try:\n    "]
 MAX_TOKENS = 96
-# Draft tokens per target forward. The 200-step draft agrees with the target's first greedy choice
-# 64% of the time but on only 24% of k=4 proposals (1.9 tokens per round); a draft step costs about
-# half a target step here, so one proposal per round is the fastest (0.93x vs 0.60x at k=4, BENCHMARKS.md).
-SPECULATIVE_K = 1
-
-
-def draft_config(target: ModelConfig) -> ModelConfig:
-    """About a tenth of the target's layer compute: half the width, half the layers."""
-    return ModelConfig(model_type=target.model_type, vocab_size=target.vocab_size,
-                       hidden_size=max(64, target.hidden_size // 2),
-                       intermediate_size=max(128, target.intermediate_size // 2),
-                       num_hidden_layers=max(1, target.num_hidden_layers // 2), num_attention_heads=2,
-                       num_key_value_heads=1, max_position_embeddings=target.max_position_embeddings,
-                       rope_theta=target.rope_theta)
+# Draft tokens per target forward: see BENCHMARKS.md ("Speculative decoding with a distilled draft").
+SPECULATIVE_K = 3
 
 
 def train_draft(ctx: Context) -> dict:
-    from athanor.train.pretrain import pretrain
-
-    recipe = copy.deepcopy(ctx.recipe)
-    recipe.out_dir = str(ctx.run_dir / "draft")
-    recipe.tokenizer_path = str(ctx.run_dir)
-    recipe.model = draft_config(recipe.model)
-    recipe.train.max_steps = min(DRAFT_STEPS, recipe.train.max_steps)
-    recipe.train.warmup_steps = min(recipe.train.warmup_steps, recipe.train.max_steps // 5)
-    recipe.train.eval_every = 0
-    recipe.train.ckpt_every = 0
-    if not (ctx.run_dir / "draft" / "data").exists():  # same shards: copy, and pretrain reuses them
-        shutil.copytree(ctx.run_dir / "data", ctx.run_dir / "draft" / "data")
-    return pretrain(recipe, show_progress=ctx.show_progress)
+    """Distill the speculative draft from the freshly trained target into RUN_DIR/draft."""
+    train = copy.deepcopy(ctx.recipe.train)
+    train.max_steps = DRAFT_STEPS
+    train.warmup_steps = min(train.warmup_steps, DRAFT_STEPS // 10)
+    train.eval_every = train.ckpt_every = 0
+    train.resume = False  # the teacher data is made anew each time; so is the draft
+    return distill_draft(load_pretrained(ctx.run_dir), ctx.run_dir, ctx.run_dir / "draft", train,
+                         show_progress=ctx.show_progress)
 
 
 def serving_stage(ctx: Context) -> Section:
