@@ -35,6 +35,10 @@ import torch.nn.functional as F
 
 from athanor.model.llama import KVCache, LlamaModel
 
+# The compiled step serves decoding and speculative verification: a few new tokens. Its attention
+# (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
+COMPILED_MAX_NEW = 16
+
 
 class FastForward:
     def __init__(self, model: LlamaModel) -> None:
@@ -81,7 +85,8 @@ class FastForward:
         if end > self.max_pos:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
         # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
-        if self._compiled is not None and B == 1 and not per_row and start_pos >= 2 and isinstance(cache.rows, slice):
+        if self._compiled is not None and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
+                and isinstance(cache.rows, slice):
             return self._compiled_step(input_ids, start_pos, cache)
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         d = self.embed.shape[1]
@@ -144,12 +149,14 @@ class FastForward:
             # Grouped-query attention: the G query heads of a group share one k/v head.
             q = qk[:, :H].view(T, Hkv, G, hd).permute(1, 2, 0, 3) * (1 / math.sqrt(hd))  # (Hkv, G, T, hd)
             k, v = qk[:, H:].transpose(0, 1)[:, None], qkv[:, H + Hkv:].transpose(0, 1)[:, None]  # (Hkv, 1, T, hd)
-            new = q @ k.transpose(-1, -2)
+            # Products as multiply-and-sum, which inductor fuses into its own loops: a few query rows
+            # against <= 512 keys is too small for a matrix-product call (~30 us each, 8 per step).
+            new = _dot(q, k)
             if future is not None:
                 new = new.masked_fill(future, float("-inf"))
-            p = torch.cat([q @ kc[i, 0, :, None].transpose(-1, -2), new], -1).softmax(-1)
+            p = torch.cat([_dot(q, kc[i, 0, :, None]), new], -1).softmax(-1)
             L = kc.shape[3]
-            y = p[..., :L] @ vc[i, 0, :, None] + p[..., L:] @ v  # (Hkv, G, T, hd)
+            y = _mix(p[..., :L], vc[i, 0, :, None]) + _mix(p[..., L:], v)  # (Hkv, G, T, hd)
             ks.append(k[:, 0])
             vs.append(v[:, 0])
             x = x + _linear(y.permute(2, 0, 1, 3).reshape(T, H * hd), w_o, b_o)
@@ -157,6 +164,16 @@ class FastForward:
             x = x + _linear(F.silu(gate) * up, w_down)
         logits = _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
         return logits[None], torch.stack(ks)[:, None], torch.stack(vs)[:, None]
+
+
+def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q @ k^T for q (..., T, hd), k (..., L, hd): (..., T, L)."""
+    return (q[..., :, None, :] * k[..., None, :, :]).sum(-1)
+
+
+def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p @ v for p (..., T, L), v (..., L, hd): (..., T, hd)."""
+    return (p[..., :, :, None] * v[..., None, :, :]).sum(-2)
 
 
 def _t(w: torch.Tensor) -> torch.Tensor:
