@@ -3,9 +3,10 @@
 Speculative decoding gains in proportion to how many draft tokens in a row the target accepts, so
 the draft should imitate the *target*, not the corpus. Trained on the corpus, a 0.9M draft of the
 speedrun's 4.2M target agreed with its greedy choice 64% of the time, in short runs (1.6 tokens per
-round at k=1). Trained for the same time on the target's own greedy continuations of training-split
-prompts (sequence-level knowledge distillation, Kim & Rush, 2016; DistillSpec's teacher-generated
-data), it agrees 85-88% of the time and gives 3.1-3.3 tokens per round at k=3 (BENCHMARKS.md).
+round at k=1). Trained for about the same time on the target's own greedy continuations of
+training-split prompts (sequence-level knowledge distillation, Kim & Rush, 2016; DistillSpec's
+teacher-generated data), a 0.72M one-layer draft agrees on 87-88% of held-out continuation tokens
+and gives 3.1-3.4 tokens per target forward at k=3 on held-out prompts (BENCHMARKS.md).
 
 The data: random windows of the training split (after BOS) as prompts, each continued greedily by
 the target, all of them through the batched engine. The loss: cross-entropy on the continuation

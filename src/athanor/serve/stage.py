@@ -1,4 +1,4 @@
-"""The speedrun's serving stage: train a small draft model on the same tokenizer and shards, then
+"""The speedrun's serving stage: distill a small draft model from the target (serve/draft.py), then
 measure the engine (time to first token, decode rates) and speculative decoding with the pair."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from athanor.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from athanor.speedrun import Context, Section
 
-DRAFT_STEPS = 300  # ~40 s at the ~20k tok/s a 0.9M draft trains at on 2 cores, after ~25 s of teacher data
+DRAFT_STEPS = 300  # ~31 s for the 0.72M one-layer draft on 2 cores, after ~21-26 s of teacher data
 # Batch-1 decode of a few-million-parameter model is bound by per-operation overhead, not FLOPs: a
 # second thread only adds synchronization, and on a shared machine its spin-waits cost 10x (measured:
 # 380 vs 28 tok/s at load 5). Measurements run on one thread; the report says so.
