@@ -2,9 +2,9 @@
 
 1. athanor batch-1 decode tok/s vs transformers `generate()` (greedy, KV cache, same weights);
 2. athanor aggregate tok/s with 8 concurrent streams vs 1;
-3. speculative (draft + target) vs plain greedy decode.
+3. speculative (draft + target) vs plain greedy decode, on prompts from the run's held-out split.
 
-    python benchmarks/decode.py runs/speedrun            # the draft is runs/speedrun/draft (the speedrun trains it)
+    python benchmarks/decode.py runs/speedrun            # the draft is runs/speedrun/draft (the speedrun distills it)
     python benchmarks/decode.py runs/speedrun --compile  # athanor with its compiled batch-1 decode step
 
 athanor runs its fast path (serve/fast.py); `--compile` adds the compiled decode step, warmed up
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from athanor.model.hf import load_pretrained
+from athanor.serve.draft import held_out_prompts
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
 from athanor.serve.stage import PROMPTS, SPECULATIVE_K
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=SPECULATIVE_K,
                     help=f"draft tokens proposed per target forward (default {SPECULATIVE_K}, as the speedrun)")
     ap.add_argument("--compile", action="store_true", help="athanor with torch.compile'd batch-1 decode steps")
+    ap.add_argument("--spec-prompts", type=int, default=8, help="held-out prompts for the speculative comparison")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,12 +66,15 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(args.run_dir, dtype=torch.float32).eval()
     tok = Tokenizer.load(args.run_dir)
     prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
+    # The draft is distilled on the target's continuations of training-split prompts: measure it on
+    # windows of the held-out split, which neither model saw.
+    spec_prompts = held_out_prompts(args.run_dir, args.spec_prompts, tok.bos_id)
     rows: dict[str, list[float]] = {k: [] for k in ("athanor b1", "hf b1", "athanor 1 stream", "athanor 8 streams",
-                                                    "plain", "speculative", "acceptance")}
+                                                    "plain", "speculative", "acceptance", "tokens/round")}
     engine1, engine8 = Engine(target, max_batch=1, compile=args.compile), Engine(target, max_batch=8)
     if args.compile:  # compile both models' decode steps outside the timed rounds
         t = time.perf_counter()
-        speculative_vs_plain(target, draft, prompts[:1], 8, k=args.k, compile=True)
+        speculative_vs_plain(target, draft, spec_prompts[:1], 8, k=args.k, compile=True)
         print(f"compile (cold, both models' decode steps): {time.perf_counter() - t:.1f} s")
     for _ in range(args.rounds):
         one = engine_run(engine1, prompts[:1], args.tokens)
@@ -77,11 +82,12 @@ def main() -> None:
         rows["hf b1"].append(hf_decode_tok_s(hf, prompts[0], args.tokens))
         rows["athanor 1 stream"].append(one.aggregate_tok_s)
         rows["athanor 8 streams"].append(engine_run(engine8, prompts[:8], args.tokens).aggregate_tok_s)
-        spec = speculative_vs_plain(target, draft, prompts[:4], args.tokens, k=args.k, compile=args.compile)
+        spec = speculative_vs_plain(target, draft, spec_prompts, args.tokens, k=args.k, compile=args.compile)
         assert spec.identical, "speculative greedy output differs from plain greedy output"
         rows["plain"].append(spec.plain_tok_s)
         rows["speculative"].append(spec.speculative_tok_s)
         rows["acceptance"].append(spec.acceptance)
+        rows["tokens/round"].append(spec.tokens_per_round)
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"threads {torch.get_num_threads()}, {args.tokens} tokens per stream, {args.rounds} rounds (medians), "
           f"k={args.k}, {'compiled' if args.compile else 'eager'} decode step")
@@ -90,7 +96,10 @@ def main() -> None:
     print(f"concurrency:       8 streams {med['athanor 8 streams']:8.0f} tok/s | 1 stream "
           f"{med['athanor 1 stream']:8.0f} tok/s | ratio {med['athanor 8 streams'] / med['athanor 1 stream']:.2f}x")
     print(f"speculative (T=0): speculative {med['speculative']:6.0f} tok/s | plain {med['plain']:8.0f} tok/s | "
-          f"ratio {med['speculative'] / med['plain']:.2f}x (acceptance {med['acceptance']:.0%})")
+          f"ratio {med['speculative'] / med['plain']:.2f}x (acceptance {med['acceptance']:.0%}, "
+          f"{med['tokens/round']:.2f} tokens per target forward)")
+    print(f"speculative prompts: {len(spec_prompts)} windows of {args.run_dir / 'data' / 'val.bin'} (held-out split; "
+          f"the draft was distilled on training-split prompts only)")
 
 
 if __name__ == "__main__":

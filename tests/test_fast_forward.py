@@ -95,6 +95,9 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
         step = torch.tensor([[9]])
         torch.testing.assert_close(engine.fast(step, ids.shape[1], fast_cache), m(step, ids.shape[1], ref_cache),
                                    atol=3e-5, rtol=1e-4)
+        # Several new tokens (speculative verification): the dynamic-length graph, causal among them.
+        chunk, at = torch.tensor([[3, 8, 21, 4]]), ids.shape[1] + 1
+        torch.testing.assert_close(engine.fast(chunk, at, fast_cache), m(chunk, at, ref_cache), atol=3e-5, rtol=1e-4)
         torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=3e-5, rtol=1e-4)
         torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
     for p in prompts:
