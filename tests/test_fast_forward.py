@@ -76,7 +76,7 @@ def test_rebuilt_after_the_weights_change() -> None:
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
 
 
-@pytest.mark.slow  # torch.compile: ~10-20 s of tracing and C++ code generation
+@pytest.mark.slow  # torch.compile: ~30-40 s of tracing and C++ code generation (cold cache)
 def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     m = model()
     draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)

@@ -6,7 +6,9 @@ speedrun's 4.2M target agreed with its greedy choice 64% of the time, in short r
 round at k=1). Trained for about the same time on the target's own greedy continuations of
 training-split prompts (sequence-level knowledge distillation, Kim & Rush, 2016; DistillSpec's
 teacher-generated data), a 0.72M one-layer draft agrees on 87-88% of held-out continuation tokens
-and gives 3.1-3.4 tokens per target forward at k=3 on held-out prompts (BENCHMARKS.md).
+after 300 steps on 1,024 continuations, and on 90% after 500 steps on 2,048 (the defaults: ~1.5 min
+on 2 cores), giving 3.2-3.5 tokens per target forward at k=3 and 3.75 at k=4 on held-out prompts
+(BENCHMARKS.md).
 
 The data: random windows of the training split (after BOS) as prompts, each continued greedily by
 the target, all of them through the batched engine. The loss: cross-entropy on the continuation
@@ -39,7 +41,7 @@ IGNORE = -100
 class DraftConfig:
     """How much teacher data to generate and how long to train on it."""
 
-    prompts: int = 1024  # training-split prompts the target continues
+    prompts: int = 2048  # training-split prompts the target continues
     min_prompt_tokens: int = 4
     max_prompt_tokens: int = 64
     new_tokens: int = 128  # greedy continuation per prompt
