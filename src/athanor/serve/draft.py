@@ -104,12 +104,18 @@ class DistillStage:
         self.x, self.y = train
         self.held_out, self.batch_size, self.seed = held_out, min(batch_size, len(self.x)), seed
         self.epoch, self.cursor = 0, 0
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its shuffled order), derived
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None or self._order[0] != self.epoch:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+            self._order = (self.epoch, torch.from_numpy(perm))
+        return self._order[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cursor + self.batch_size > len(self.x):
             self.epoch, self.cursor = self.epoch + 1, 0
-        order = torch.from_numpy(np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x)))
-        idx = order[self.cursor:self.cursor + self.batch_size]
+        idx = self._epoch_order()[self.cursor:self.cursor + self.batch_size]
         self.cursor += self.batch_size
         return self.x[idx], self.y[idx]
 

@@ -33,7 +33,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from athanor.model.llama import KVCache, LlamaModel
+from athanor.model.llama import KVCache, LlamaModel, stacked_weights
 
 # The compiled step serves decoding and speculative verification: a few new tokens. Its attention
 # (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
@@ -55,14 +55,11 @@ class FastForward:
         with torch.no_grad():
             for layer in model.model.layers:
                 a, m = layer.self_attn, layer.mlp
-                qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) if c.qkv_bias else None
+                w_qkv, b_qkv = stacked_weights((a.q_proj, a.k_proj, a.v_proj))
+                w_gu, _ = stacked_weights((m.gate_proj, m.up_proj))
                 self.layers.append((
-                    layer.input_layernorm.weight,
-                    _t(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), qkv_b,
-                    _t(a.o_proj.weight), a.o_proj.bias,
-                    layer.post_attention_layernorm.weight,
-                    _t(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                    _t(m.down_proj.weight),
+                    layer.input_layernorm.weight, _t(w_qkv), b_qkv, _t(a.o_proj.weight), a.o_proj.bias,
+                    layer.post_attention_layernorm.weight, _t(w_gu), _t(m.down_proj.weight),
                 ))
             self.head = _t(model.lm_head.weight)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight

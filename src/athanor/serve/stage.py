@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from athanor.model.hf import load_pretrained
+from athanor.model.llama import LlamaModel
 from athanor.report import markdown_table
 from athanor.serve.draft import distill_draft, held_out_prompts
 from athanor.serve.engine import Engine
@@ -32,22 +33,23 @@ MAX_TOKENS = 96
 SPECULATIVE_K = 4
 
 
-def train_draft(ctx: Context) -> dict:
+def train_draft(ctx: Context, target: LlamaModel) -> dict:
     """Distill the speculative draft from the freshly trained target into RUN_DIR/draft."""
     train = copy.deepcopy(ctx.recipe.train)
     train.max_steps = DRAFT_STEPS
     train.warmup_steps = min(train.warmup_steps, DRAFT_STEPS // 10)
     train.eval_every = train.ckpt_every = 0
     train.resume = False  # the teacher data is made anew each time; so is the draft
-    return distill_draft(load_pretrained(ctx.run_dir), ctx.run_dir, ctx.run_dir / "draft", train,
+    return distill_draft(target, ctx.run_dir, ctx.run_dir / "draft", train,
                          show_progress=ctx.show_progress)
 
 
 def serving_stage(ctx: Context) -> Section:
     from athanor.speedrun import Section
 
-    draft_result = train_draft(ctx)
-    target, draft = load_pretrained(ctx.run_dir), load_pretrained(ctx.run_dir / "draft")
+    target = load_pretrained(ctx.run_dir)
+    draft_result = train_draft(ctx, target)
+    draft = load_pretrained(ctx.run_dir / "draft")
     tok = Tokenizer.load(ctx.run_dir)
     prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
     threads = torch.get_num_threads()
