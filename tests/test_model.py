@@ -36,6 +36,19 @@ def test_fused_linear_cross_entropy_matches_plain() -> None:
     torch.testing.assert_close(w.grad, gw * 0.5, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_loss_without_grad_runs_only_the_logits_matmuls() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, requires_grad=True)
+    w = torch.randn(100, 32, requires_grad=True)
+    t = torch.randint(0, 100, (300,))
+    with_grad = linear_cross_entropy(h, w, t, chunk=64)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        without = linear_cross_entropy(h, w, t, chunk=64)
+    torch.testing.assert_close(without, with_grad.detach())
+    matmuls = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    assert matmuls == 5  # one per chunk of 64 rows: no gradient products in evaluation
+
+
 def test_targets_forward_equals_logits_loss() -> None:
     torch.manual_seed(0)
     model = LlamaModel(tiny_model_config(tie_word_embeddings=False))

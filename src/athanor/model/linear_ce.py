@@ -77,4 +77,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk is None:
         budget = 2**22 if hidden.device.type == "cpu" else 2**27
         chunk = max(256, budget // weight.shape[0])
+    if not torch.is_grad_enabled():
+        # Inside forward grad mode is always off, and needs_input_grad still says True for
+        # parameters: detach here so evaluation skips the two gradient matmuls per chunk.
+        hidden, weight = hidden.detach(), weight.detach()
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
