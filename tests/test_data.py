@@ -22,7 +22,10 @@ def test_held_out_split_is_stable_and_proportional() -> None:
     ids = [f"doc-{i}" for i in range(20000)]
     frac = sum(is_held_out(i, 0.05) for i in ids) / len(ids)
     assert 0.04 < frac < 0.06
-    assert [is_held_out(i, 0.05) for i in ids[:100]] == [is_held_out(i, 0.05) for i in ids[:100]]
+    # Pinned: the split must be the same on every machine and Python (no salted hash()), so
+    # held-out bits-per-byte stays comparable between runs.
+    assert [i for i in range(400) if is_held_out(f"doc-{i}", 0.05)] == [
+        4, 22, 78, 80, 85, 89, 108, 109, 114, 122, 135, 214, 237, 261, 283, 330, 335]
 
 
 def test_text_glob_jsonl_and_parquet(tmp_path: Path) -> None:

@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_speedrun)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
-                         description="Tokenizer commands.")
+                         description="Tokenizer commands. A tokenizer turns text into the integer ids a model "
+                                     "reads; `athanor tokenizer train` learns one from your text (or the default "
+                                     "corpus).")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     p = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer and save tokenizer.json",
                            description="Train a GPT-2 style byte-level BPE on text (the Python stdlib by "
@@ -372,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "of the run's own held-out / training token shards")
     p.add_argument("--tokens", type=int, default=8192, help="tokens of that text to use (default 8192)")
     p.set_defaults(func=cmd_quantize)
-    data = sub.add_parser("data", help="inspect instruction data files", description="Instruction data commands.")
+    data = sub.add_parser("data", help="inspect instruction data files", description="Instruction data commands: "
+                                                                                     "`athanor data check FILE` "
+                                                                                     "validates a JSONL file of "
+                                                                                     "chat examples before you "
+                                                                                     "fine-tune on it.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data_sub.add_parser("check", help="validate instruction data and report counts, lengths and errors",
                             description="Read instruction data (JSONL or a JSON array; Alpaca instruction/input/"
@@ -385,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
 
     synth = sub.add_parser("synth", help="make instruction data: verifiable tasks, or a teacher's answers",
-                           description="Synthetic instruction data.")
+                           description="Synthetic instruction data: `athanor synth tasks` makes tasks whose answers "
+                                       "a program can check (for SFT and RL on verifiable rewards); `athanor synth "
+                                       "distill` has a stronger teacher model write answers (self-instruct).")
     synth_sub = synth.add_subparsers(dest="synth_command", required=True, metavar="ACTION")
     p = synth_sub.add_parser("tasks", help="generate verifiable tasks with train and held-out splits",
                              description="Generate arithmetic, string, list and small-Python-function tasks, each "
@@ -440,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.set_defaults(func=cmd_sft)
 
-    lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands.")
+    lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
+                                                                         "merge` folds a trained low-rank adapter "
+                                                                         "into its base model, giving a plain model "
+                                                                         "directory.")
     lora_sub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
     p = lora_sub.add_parser("merge", help="fold a LoRA adapter into its base model",
                             description="Load a base model and a LoRA adapter (PEFT layout: adapter_config.json + "
