@@ -138,3 +138,13 @@ def test_resume_in_process_is_bitwise(tmp_path: Path) -> None:
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     steps = [r["step"] for r in map(json.loads, lines) if "loss" in r]
     assert steps == list(range(1, 9))
+
+
+def test_fresh_start_drops_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
+    x = torch.randint(0, 512, (2, 8))
+    _trainer(tmp_path, [(x, x)], max_steps=4, ckpt_every=2).fit()
+    _trainer(tmp_path, [(x, x)], max_steps=2, ckpt_every=2, resume=False).fit()
+    ck = Checkpoints(tmp_path, keep=3)
+    assert [p.name for p in ck.paths()] == ["step_00000002.pt"]  # not the first run's step 4
+    again = _trainer(tmp_path, [(x, x)], max_steps=3, ckpt_every=2)
+    assert again.try_resume() and again.step == 2

@@ -156,6 +156,11 @@ class Checkpoints:
             old.unlink(missing_ok=True)
         return path
 
+    def clear(self) -> None:
+        """Forget an earlier run's checkpoints, so a fresh start never resumes or keeps them."""
+        for path in self.paths():
+            path.unlink(missing_ok=True)
+
     def load_latest(self) -> dict[str, Any] | None:
         for path in reversed(self.paths()):
             try:
@@ -322,7 +327,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
         if not resumed and self.info.is_main:
+            # A fresh start owns the directory: an earlier run's log and checkpoints (a later
+            # step_*.pt would outrank this run's own on the next resume) go.
             self.metrics_path.unlink(missing_ok=True)
+            self.ckpts.clear()
         self.wrapped.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.show_progress,
                    dynamic_ncols=True)
