@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from athanor.data.corpus import DataConfig, is_held_out, iter_documents, stdlib_files
 from athanor.data.shards import TokenWindows, build_shards, eval_windows, load_meta, open_tokens
@@ -125,3 +126,13 @@ def test_eval_windows_spread_over_split() -> None:
     tokens = np.arange(100 * 10 + 1, dtype=np.uint16)
     firsts = [int(x[0, 0]) for x, _ in eval_windows(tokens, 10, 1, 50)]
     assert firsts == [0, 250, 500, 740, 990]  # 5 windows of 10 tokens, evenly over 100 windows
+
+
+def test_too_little_data_for_the_ranks_is_an_error_not_a_hang() -> None:
+    from athanor.train.sft import SFTStage
+
+    rows = {k: torch.zeros(1, 8, dtype=torch.long) for k in ("x", "y", "seg")}
+    with pytest.raises(AthanorError, match="only 1 packed rows"):
+        SFTStage(rows, None, batch_size=4, seed=0, rank=1, world=2)
+    alone = SFTStage(rows, None, batch_size=4, seed=0)  # one rank: batches of the one row there is
+    assert alone.next_batch()["x"].shape == (1, 8) and alone.next_batch()["x"].shape == (1, 8)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from athanor.data.corpus import DataConfig, describe, is_held_out, iter_documents
+from athanor.data.sampler import EpochSampler
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
 from athanor.tokenizer import Tokenizer
@@ -136,46 +137,26 @@ class TokenWindows:
     """Training batches of `seq_len + 1`-token windows, shuffled anew each epoch, resumable exactly.
 
     The stream is cut into non-overlapping windows (each shares one token with the next, the
-    target of its last position). Every epoch visits all windows in an order fixed by
-    (seed, epoch); the state is just (epoch, cursor). Under data parallelism each global step
-    takes `world * batch_size` windows and rank r reads its own slice of them.
+    target of its last position); `EpochSampler` picks which windows each step and rank read.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  rank: int = 0, world: int = 1) -> None:
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.seed, self.rank, self.world = seed, rank, world
-        self.n_windows = (len(tokens) - 1) // seq_len
-        if self.n_windows < batch_size * world:
-            raise AthanorError(f"the training split has {len(tokens)} tokens: too few for one batch of "
-                               f"{batch_size * world} windows of {seq_len} tokens; lower train.batch_size "
-                               f"or train.seq_len, or add data")
-        self.epoch, self.cursor = 0, 0
-        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
-
-    def _permutation(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-            self._order_epoch = self.epoch
-        return self._order
+        self.tokens, self.seq_len = tokens, seq_len
+        self.sampler = EpochSampler((len(tokens) - 1) // seq_len, batch_size, seed, rank, world,
+                                    what=f"windows of {seq_len} tokens in the {len(tokens)}-token training split")
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.batch_size * self.world
-        if self.cursor + step > self.n_windows:
-            self.epoch, self.cursor = self.epoch + 1, 0
-        start = self.cursor + self.rank * self.batch_size
-        idx = self._permutation()[start:start + self.batch_size]
-        self.cursor += step
         T = self.seq_len
-        rows = np.stack([self.tokens[i * T:i * T + T + 1] for i in idx]).astype(np.int64)
+        rows = np.stack([self.tokens[i * T:i * T + T + 1] for i in self.sampler.next_indices()]).astype(np.int64)
         rows_t = torch.from_numpy(rows)
         return rows_t[:, :-1], rows_t[:, 1:]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.sampler.load_state_dict(state)
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int

@@ -28,6 +28,7 @@ from torch import nn
 
 from athanor.config import save_yaml
 from athanor.data.formats import Example, iter_records, load_examples
+from athanor.data.sampler import EpochSampler
 from athanor.data.synth import KINDS, Task, make_splits, read_tasks, write_tasks
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
@@ -144,28 +145,19 @@ def block_causal_mask(seg: torch.Tensor) -> torch.Tensor:
 
 
 class SFTStage:
-    """Shuffled packed rows, sharded over ranks; loss = summed cross-entropy on assistant tokens."""
+    """Shuffled packed rows, sharded over ranks; loss = summed cross-entropy on assistant tokens.
+
+    A data set smaller than one global batch trains on batches of what there is per rank.
+    """
 
     def __init__(self, rows: dict[str, torch.Tensor], heldout_rows: dict[str, torch.Tensor] | None,
                  batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.rows, self.heldout = rows, heldout_rows
-        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.epoch, self.pos = 0, 0
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.rows["x"]), generator=g)[self.rank::self.world].tolist()
+        self.rows, self.heldout, self.batch_size = rows, heldout_rows, batch_size
+        n = len(rows["x"])
+        self.sampler = EpochSampler(n, max(1, min(batch_size, n // world)), seed, rank, world, what="packed rows")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        idx = []
-        while len(idx) < self.batch_size:
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._epoch_order()
-            take = self._order[self.pos:self.pos + self.batch_size - len(idx)]
-            idx += take
-            self.pos += len(take)
+        idx = torch.from_numpy(self.sampler.next_indices())
         return {k: v[idx] for k, v in self.rows.items()}
 
     def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
@@ -187,11 +179,10 @@ class SFTStage:
         return {"val_loss": total / max(count, 1)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._epoch_order()
+        self.sampler.load_state_dict(state)
 
 
 def _as_tasks(path: str) -> list[Task]:
