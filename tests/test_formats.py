@@ -74,6 +74,18 @@ def test_check_reports_counts_lengths_and_all_errors(tmp_path, tokenizer):
     assert r["tokens"]["min"] <= len(ids) <= r["tokens"]["max"] and r["loss_tokens"]["min"] >= 2
 
 
+def test_check_goes_on_past_lines_that_do_not_parse(tmp_path):
+    path = tmp_path / "d.jsonl"
+    ok = json.dumps({"prompt": "a", "completion": "b"}).encode()
+    path.write_bytes(b"\n".join([ok, b'{"prompt": "a", "compl', ok, b'{"prompt": "caf\xe9"}', b'{"text": "x"}', ok]))
+    r = check_file(path)
+    assert r["examples"] == 3 and r["errors"] == 3
+    assert [e.split(": ", 1)[0] for e in r["error_list"]] == [f"{path}:2", f"{path}:4", f"{path}:5"]
+    assert "not valid JSON" in r["error_list"][0] and "not UTF-8" in r["error_list"][1]
+    with pytest.raises(AthanorError, match=f"{path}:2: not valid JSON"):
+        load_examples(path)
+
+
 def test_cli_data_check(tmp_path, tokenizer_dir, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b"}] * 3)
     assert main(["data", "check", str(good), "--tokenizer", str(tokenizer_dir)]) == 0

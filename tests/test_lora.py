@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model_config
 
 from athanor.cli import main
+from athanor.errors import AthanorError
 from athanor.model.hf import load_pretrained, save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.model.lora import LoraConfig, LoraInfo, LoraLinear, apply_lora, load_adapter, merge_lora, save_adapter
@@ -82,6 +83,12 @@ def test_cli_merge(tmp_path, tokenizer_dir):
 def test_bad_adapter_dir_is_a_clear_error(tmp_path):
     assert main(["lora", "merge", "--base", str(tmp_path), "--adapter", str(tmp_path), "--out", str(tmp_path)]) == 2
     model = LlamaModel(tiny_model_config())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(Exception, match="only LORA"):
-        load_adapter(model, tmp_path)
+    cfg = tmp_path / "adapter_config.json"
+    for text, message in [(json.dumps({"peft_type": "IA3"}), "field 'peft_type'.*only LORA"),
+                          ('{"peft_type": "LORA",', "adapter_config.json:1: not valid JSON"),
+                          (json.dumps({"peft_type": "LORA", "lora_alpha": 8}), "field 'r': missing"),
+                          (json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}),
+                           "adapter_model.safetensors: the adapter's weights are missing")]:
+        cfg.write_text(text)
+        with pytest.raises(AthanorError, match=message):
+            load_adapter(model, tmp_path)

@@ -74,3 +74,17 @@ def test_position_limit_is_an_error() -> None:
     model = LlamaModel(tiny_model_config(max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_weights_of_another_shape_are_a_clear_error(tmp_path) -> None:
+    import json
+
+    from athanor.errors import AthanorError
+    from athanor.model.hf import load_pretrained, save_pretrained
+
+    save_pretrained(LlamaModel(tiny_model_config()), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] += 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AthanorError, match=r"weights do not fit the config: model.layers.0.mlp.\w+_proj.weight is"):
+        load_pretrained(tmp_path)

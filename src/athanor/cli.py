@@ -241,17 +241,15 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
-    import shutil
-
     from athanor.model.hf import load_pretrained, save_pretrained
     from athanor.model.lora import load_adapter, merge_lora
+    from athanor.tokenizer import Tokenizer
 
     model = load_pretrained(args.base)
     info = load_adapter(model, args.adapter)
     save_pretrained(merge_lora(model), args.out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(args.base) / name).is_file():
-            shutil.copyfile(Path(args.base) / name, Path(args.out) / name)
+    if (Path(args.base) / "tokenizer.json").is_file():
+        Tokenizer.load(args.base).save(args.out, model_max_length=model.config.max_position_embeddings)
     print(f"merged {len(info.targets)} adapters (r={info.config.r}) into {args.base} -> {args.out}")
 
 

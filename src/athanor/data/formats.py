@@ -112,30 +112,41 @@ def to_messages(record: Any, path: str, line: int) -> Example:
     return Example(messages, fmt, path, line)
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line, parsed record) for JSONL, or (1-based index, item) for a JSON array file."""
+def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line, parsed record) for JSONL, or (1-based index, item) for a JSON array file.
+
+    A JSONL line that is not UTF-8 or not JSON raises a `RecordError` naming it; given an
+    `errors` list, it is appended there instead and the scan goes on with the next line.
+    """
     path = Path(path)
     if not path.is_file():
         raise AthanorError("data file not found", path=path)
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         head = f.read(4096).lstrip()
-    if path.suffix == ".json" or head.startswith("["):
+    if path.suffix == ".json" or head.startswith(b"["):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AthanorError(f"not UTF-8 text (byte {e.start})", path=path) from None
         except json.JSONDecodeError as e:
             raise AthanorError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from None
         if not isinstance(data, list):
             raise AthanorError("a .json data file must hold a list of records (or use JSONL)", path=path)
         yield from enumerate(data, 1)
         return
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             try:
-                yield n, json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"not valid JSON: {e.msg} (column {e.colno})", str(path), n) from None
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                yield n, json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                why = f"not UTF-8 text (byte {e.start} of the line)" if isinstance(e, UnicodeDecodeError) \
+                    else f"not valid JSON: {e.msg} (column {e.colno})"
+                if errors is None:
+                    raise RecordError(why, str(path), n) from None
+                errors.append(RecordError(why, str(path), n))
 
 
 def load_examples(path: str | Path) -> list[Example]:
@@ -152,27 +163,22 @@ def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20) ->
     With a tokenizer, lengths are tokens of the rendered chat and of its loss-bearing part.
     """
     formats: Counter[str] = Counter()
-    errors: list[str] = []
-    n_errors, turns, chars, total_tokens, loss_tokens = 0, [], [], [], []
-    try:
-        for line, rec in iter_records(path):
-            try:
-                ex = to_messages(rec, str(path), line)
-            except RecordError as e:
-                n_errors += 1
-                if len(errors) < max_errors:
-                    errors.append(str(e))
-                continue
-            formats[ex.format] += 1
-            turns.append(len(ex.messages))
-            chars.append(sum(len(m["content"]) for m in ex.messages))
-            if tokenizer is not None:
-                ids, mask = tokenizer.render_chat(ex.messages)
-                total_tokens.append(len(ids))
-                loss_tokens.append(sum(mask))
-    except RecordError as e:  # a JSONL line that is not JSON stops the scan: report it with the rest
-        n_errors += 1
-        errors.append(str(e))
+    bad: list[RecordError] = []  # in file order: lines that do not parse, records that do not convert
+    turns, chars, total_tokens, loss_tokens = [], [], [], []
+    for line, rec in iter_records(path, errors=bad):
+        try:
+            ex = to_messages(rec, str(path), line)
+        except RecordError as e:
+            bad.append(e)
+            continue
+        formats[ex.format] += 1
+        turns.append(len(ex.messages))
+        chars.append(sum(len(m["content"]) for m in ex.messages))
+        if tokenizer is not None:
+            ids, mask = tokenizer.render_chat(ex.messages)
+            total_tokens.append(len(ids))
+            loss_tokens.append(sum(mask))
+    n_errors, errors = len(bad), [str(e) for e in bad[:max_errors]]
 
     def summary(xs: list[int]) -> dict[str, float]:
         return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs)} if xs else {}

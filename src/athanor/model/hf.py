@@ -156,6 +156,11 @@ def load_pretrained(run_dir: str | Path, dtype: torch.dtype = torch.float32,
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise AthanorError(f"weights do not fit the config: {detail}", path=run_dir)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tensor.shape != shapes[name]:
+            raise AthanorError(f"weights do not fit the config: {name} is {tuple(tensor.shape)}, the config "
+                               f"says {tuple(shapes[name])}", path=run_dir)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

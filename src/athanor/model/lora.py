@@ -131,16 +131,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraInfo:
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise AthanorError("not an adapter directory: adapter_config.json is missing", path=adapter_dir)
-    raw = json.loads(cfg_path.read_text())
-    if raw.get("peft_type") != "LORA":
-        raise AthanorError(f"peft_type {raw.get('peft_type')!r} is not supported (only LORA)", path=cfg_path,
-                           field="peft_type")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AthanorError(f"not valid JSON: {e.msg}", path=cfg_path, line=e.lineno) from None
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
+        raise AthanorError(f"peft_type {peft_type!r} is not supported (only LORA)", path=cfg_path, field="peft_type")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(raw.get(key), int | float):
+            raise AthanorError("missing or not a number", path=cfg_path, field=key)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AthanorError("the adapter's weights are missing", path=weights)
     targets = raw.get("target_modules")
     config = LoraConfig(r=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
                         rslora=bool(raw.get("use_rslora", False)),
                         target_modules=[targets] if isinstance(targets, str) else targets)
     info = apply_lora(model, config)
-    state = load_file(adapter_dir / "adapter_model.safetensors")
+    state = load_file(weights)
     ours = adapter_state(model)
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,8 +290,7 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
             else:
                 export.load_state_dict(full)
             save_pretrained(export, out_dir)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copyfile(Path(recipe.base) / name, out_dir / name)
+            tok.save(out_dir, model_max_length=export.config.max_position_embeddings)
             if tasks:
                 t = time.perf_counter()
                 after = evaluate_behavior(export, tok, tasks, recipe.eval_max_new_tokens)
