@@ -95,6 +95,9 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
         raise AthanorError("the corpus is empty: no document has any text", path=describe(config))
     if documents["train"] == 0 or documents["val"] == 0:
         _split_by_tokens(tmp, dtype, config.val_fraction, tokens, documents, nbytes)
+    # meta.json commits the pair: drop the old one first, so a kill between the two replaces
+    # leaves shards that get rebuilt, never a new train split trusted with an old val split.
+    meta_path.unlink(missing_ok=True)
     for s in SPLITS:
         with open(tmp[s], "rb+") as f:
             os.fsync(f.fileno())

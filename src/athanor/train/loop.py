@@ -352,6 +352,7 @@ class Trainer:
                 self._log({"step": self.step, "tokens": self.tokens_seen, "tok_per_s": round(tok_s, 1),
                            **{k: round(v, 6) for k, v in record.items()}})
                 window_t, window_tokens, window_losses = now, self.tokens_seen, []
+            paused = time.perf_counter()
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
                 last_eval = self.evaluate()
                 if last_eval:
@@ -359,7 +360,7 @@ class Trainer:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or done:
                 self.save_checkpoint()
-                window_t = time.perf_counter()  # checkpoint time is not training throughput
+            window_t += time.perf_counter() - paused  # evaluation and checkpoints are not training throughput
         bar.close()
         if self.info.is_main:
             from athanor.report import plot_loss
