@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("generate", help="sample text from a trained run directory",
-                       description="Continue a prompt with a model from a run directory (or any Llama/Qwen2 "
-                                   "checkpoint in the Hugging Face layout).")
+                       description="Continue a prompt with a model from a run directory (or a Llama/Qwen2 "
+                                   "checkpoint in the Hugging Face layout whose tokenizer.json has athanor's "
+                                   "special tokens; other tokenizers are not supported yet).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
