@@ -86,7 +86,10 @@ def run_trl(args: argparse.Namespace) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = trl.SFTConfig(output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.examples_per_step,
                             learning_rate=1e-3, warmup_steps=1, report_to=[], save_strategy="no", logging_steps=10**6,
-                            use_cpu=True, dataloader_num_workers=0, max_length=None, disable_tqdm=True)
+                            use_cpu=True, dataloader_num_workers=0, max_length=None, disable_tqdm=True,
+                            # TRL's defaults recompute activations and autocast to bf16; athanor does
+                            # neither here, so neither does TRL: the same work in the same dtype.
+                            gradient_checkpointing=False, bf16=False)
         trainer = trl.SFTTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(data),
                                  processing_class=hf_tok,
                                  peft_config=peft.LoraConfig(r=args.r, lora_alpha=args.alpha,
