@@ -11,13 +11,17 @@ operations per layer. This forward computes the same function with ~15:
   (negation is exact, so the rotated term equals the reference's bit for bit);
 - no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
 
-`compile()` adds a `torch.compile`d batch-1 step for new tokens after >= 2 cached ones (one token:
-a decode step; a few: speculative verification and the draft catching up), which fuses the
+`compile()` adds compiled batch-1 steps for new tokens after >= 2 cached ones (one token: a
+decode step; a few: speculative verification and the draft catching up), which fuse the
 elementwise work between the matrix products into generated C++ kernels. Two graphs serve every
 position and length: one new token, and a dynamic number of them. Each reads the cache as a view of
 dynamic length, returns the new keys and values and stores them outside the graph (a graph that
 writes into the cache would copy the whole cache each step), and attends to the new keys by
-themselves: softmax over [q.K_cache, q.K_new], causal within the new ones.
+themselves: softmax over [q.K_cache, q.K_new], causal within the new ones. The graphs are exported
+(`torch.export`) and compiled ahead of time by AOTInductor, and called through its C++ runner: a
+`torch.compile`d function pays dynamo's guard check and the AOT runtime wrappers in Python on every
+call, which at ~1 ms per token was a quarter of the step (A/B in one process: 1.12 vs 0.83 ms;
+BENCHMARKS.md).
 
 The model keeps its own parameters (names, HF parity and training are untouched); the stacked,
 transposed copies take as much memory again as the model's matrices and are built from the
@@ -27,8 +31,10 @@ weights as they are at construction: `fast_forward(model)` gives a cached one, r
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +69,16 @@ class FastForward:
                 ))
             self.head = _t(model.lm_head.weight)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
-        self._compiled = None
-        self.compile_seconds: float | None = None  # the first compiled call, tracing and code generation
+        self._compiling = False
+        # AOTInductor runners by (one new token or several, the cache views' strides): the strides
+        # depend on the cache's max_len, which the generated code takes as fixed.
+        self._runners: dict[tuple[bool, tuple[int, ...]], torch._C._aoti.AOTIModelPackageLoader] = {}
+        self.compile_seconds: float | None = None  # exporting and compiling the graphs, all together
 
     def compile(self) -> None:
         """Run batch-1 steps after a cached prefix through compiled graphs from now on (each
-        compiled on first use)."""
-        if self._compiled is None:
-            # cpp_wrapper: the generated code calls its kernels from C++ rather than a Python
-            # wrapper, which at ~1 ms per step is a visible share (A/B in one process, batch-1
-            # engine decode: +5% and +13% tok/s, same tokens; BENCHMARKS.md).
-            self._compiled = torch.compile(self._decode_step, fullgraph=True, options={"cpp_wrapper": True})
+        compiled on first use: ~20 s cold on this CPU)."""
+        self._compiling = True
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -85,7 +90,7 @@ class FastForward:
         if end > self.max_pos:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
         # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
-        if self._compiled is not None and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
+        if self._compiling and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
                 and isinstance(cache.rows, slice):
             return self._compiled_step(input_ids, start_pos, cache)
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
@@ -118,17 +123,32 @@ class FastForward:
     def _compiled_step(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         T = input_ids.shape[1]
         kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
-        torch._dynamo.mark_dynamic(kc, 3)
-        torch._dynamo.mark_dynamic(vc, 3)
-        if T > 1:  # one graph for every length >= 2 (1 is the decode step's own)
-            torch._dynamo.mark_dynamic(input_ids, 1, min=2, max=self.max_pos)
-        t = time.perf_counter()
-        logits, k, v = self._compiled(input_ids, torch.tensor([start_pos], device=input_ids.device), kc, vc)
-        if self.compile_seconds is None:
-            self.compile_seconds = time.perf_counter() - t
+        args = [input_ids, torch.tensor([start_pos], device=input_ids.device), kc, vc]
+        key = (T == 1, kc.stride())
+        runner = self._runners.get(key) or self._build(key, args, cache.max_len)
+        # The loader's own entry point: AOTICompiledModel.__call__ would re-parse its pytree specs
+        # on every call (~60 us of a ~0.9 ms step).
+        logits, k, v = runner.run(args)
         cache.k[:, cache.rows, :, start_pos:start_pos + T] = k
         cache.v[:, cache.rows, :, start_pos:start_pos + T] = v
         return logits
+
+    def _build(self, key: tuple[bool, tuple[int, ...]], args: list[torch.Tensor], max_len: int
+               ) -> torch._C._aoti.AOTIModelPackageLoader:
+        """Export `_decode_step` for one new token (static shapes) or 2..COMPILED_MAX_NEW of them,
+        with the cache length dynamic (below the cache's `max_len`: a view of all of it would be
+        contiguous, a case the graph would otherwise branch on), and compile it with AOTInductor."""
+        t = time.perf_counter()
+        cached = torch.export.Dim("cached", min=2, max=min(self.max_pos, max_len) - 1)
+        new = {} if key[0] else {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)}
+        with torch.no_grad():
+            program = torch.export.export(_Step(self), tuple(args), dynamic_shapes=(new, {}, {3: cached}, {3: cached}))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
+            runner = torch._inductor.aoti_load_package(path).loader
+        self._runners[key] = runner
+        self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t
+        return runner
 
     def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,6 +184,19 @@ class FastForward:
             x = x + _linear(F.silu(gate) * up, w_down)
         logits = _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
         return logits[None], torch.stack(ks)[:, None], torch.stack(vs)[:, None]
+
+
+class _Step(torch.nn.Module):
+    """`FastForward._decode_step` as a module, for `torch.export` (its weights become the
+    program's constants)."""
+
+    def __init__(self, fast: FastForward) -> None:
+        super().__init__()
+        self.fast = fast
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.fast._decode_step(ids, pos, kc, vc)
 
 
 def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
