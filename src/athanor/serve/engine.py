@@ -26,7 +26,7 @@ import torch
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.fast import fast_forward
-from athanor.serve.sampling import SamplingParams, apply_penalties, sample_next
+from athanor.serve.sampling import SamplingParams, apply_penalties, greedy_token, sample_next
 
 
 @dataclass
@@ -262,9 +262,9 @@ class Engine:
         # Rows at one position (always so at batch 1) take the model's cheaper shared-position path.
         start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
         logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
-        for s, req, row in zip(rows, reqs, logits, strict=True):
+        for i, (s, req) in enumerate(zip(rows, reqs, strict=True)):
             self.slot_tokens[s].append(req.output_ids[-1])
-            self._accept(req, row)
+            self._accept(req, logits[i])
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(rows)
@@ -275,7 +275,8 @@ class Engine:
         p = req.params
         shaped = apply_penalties(logits.float(), p, req._seen, req._counts) if p.needs_counts or p.logit_bias \
             else logits
-        token = int(sample_next(shaped[None], p.temperature, p.top_k, p.top_p, req._generator, p.min_p)[0])
+        token = greedy_token(shaped) if p.temperature <= 0 else \
+            int(sample_next(shaped[None], p.temperature, p.top_k, p.top_p, req._generator, p.min_p)[0])
         if token in p.stop_ids:
             self._finish(req, "stop")
             return

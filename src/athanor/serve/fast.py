@@ -123,7 +123,7 @@ class FastForward:
     def _compiled_step(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         T = input_ids.shape[1]
         kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
-        args = [input_ids, torch.tensor([start_pos], device=input_ids.device), kc, vc]
+        args = [input_ids, kc, vc]  # the graph reads its position off the cache views' length
         key = (T == 1, kc.stride())
         runner = self._runners.get(key) or self._build(key, args, cache.max_len)
         # The loader's own entry point: AOTICompiledModel.__call__ would re-parse its pytree specs
@@ -142,7 +142,7 @@ class FastForward:
         cached = torch.export.Dim("cached", min=2, max=min(self.max_pos, max_len) - 1)
         new = {} if key[0] else {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)}
         with torch.no_grad():
-            program = torch.export.export(_Step(self), tuple(args), dynamic_shapes=(new, {}, {3: cached}, {3: cached}))
+            program = torch.export.export(_Step(self), tuple(args), dynamic_shapes=(new, {3: cached}, {3: cached}))
         with tempfile.TemporaryDirectory() as tmp:
             path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
             runner = torch._inductor.aoti_load_package(path).loader
@@ -150,14 +150,17 @@ class FastForward:
         self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t
         return runner
 
-    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+    def _decode_step(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """T new tokens (ids (1, T)) from position pos (1,) after cached keys/values kc, vc (layers, 1,
-        kv_heads, pos, head_dim), read only. Returns the logits (1, T, V) and the new keys/values
+        """T new tokens (ids (1, T)) at positions L..L+T-1 after cached keys/values kc, vc (layers, 1,
+        kv_heads, L, head_dim), read only. Returns the logits (1, T, V) and the new keys/values
         (layers, 1, kv_heads, T, head_dim)."""
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         G, T, d = H // Hkv, ids.shape[1], self.embed.shape[1]
-        positions = pos + torch.arange(T, device=ids.device)
+        L = kc.shape[3]
+        # Gathered rather than sliced: a slice would end at min(L + T, max_pos), a bound that export
+        # would have to prove for every L and T.
+        positions = torch.arange(T, device=ids.device) + L
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # (T, 1, hd)
         # New token i sees the cache and new tokens j <= i.
         future = torch.ones(T, T, dtype=torch.bool, device=ids.device).triu(1) if T > 1 else None
@@ -175,7 +178,6 @@ class FastForward:
             if future is not None:
                 new = new.masked_fill(future, float("-inf"))
             p = torch.cat([_dot(q, kc[i, 0, :, None]), new], -1).softmax(-1)
-            L = kc.shape[3]
             y = _mix(p[..., :L], vc[i, 0, :, None]) + _mix(p[..., L:], v)  # (Hkv, G, T, hd)
             ks.append(k[:, 0])
             vs.append(v[:, 0])
@@ -194,9 +196,9 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.fast = fast
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+    def forward(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.fast._decode_step(ids, pos, kc, vc)
+        return self.fast._decode_step(ids, kc, vc)
 
 
 def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
