@@ -76,7 +76,7 @@ def test_rebuilt_after_the_weights_change() -> None:
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
 
 
-@pytest.mark.slow  # torch.compile: ~30-40 s of tracing and C++ code generation (cold cache)
+@pytest.mark.slow  # AOTInductor: ~10 s of export and C++ compilation per graph, 5 graphs
 def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     m = model()
     draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
@@ -89,7 +89,8 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     assert [r.output_ids for r in fast] == [r.output_ids for r in eager]
     with torch.no_grad():  # logits and the stored keys/values, at one step
         ids = torch.tensor([prompts[2]])
-        ref_cache, fast_cache = KVCache(m.config, 1, 32), KVCache(m.config, 1, 32)
+        max_len = m.config.max_position_embeddings  # the engine's cache length: its graphs serve this cache
+        ref_cache, fast_cache = KVCache(m.config, 1, max_len), KVCache(m.config, 1, max_len)
         m(ids, 0, ref_cache)
         engine.fast(ids, 0, fast_cache)
         step = torch.tensor([[9]])
@@ -100,6 +101,14 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
         torch.testing.assert_close(engine.fast(chunk, at, fast_cache), m(chunk, at, ref_cache), atol=3e-5, rtol=1e-4)
         torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=3e-5, rtol=1e-4)
         torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
+        # A shorter cache (other strides) gets a graph of its own; up to its last position.
+        short_ref, short = KVCache(m.config, 1, 24), KVCache(m.config, 1, 24)
+        m(ids, 0, short_ref)
+        engine.fast(ids, 0, short)
+        graphs = len(engine.fast._runners)
+        for pos in range(ids.shape[1], 24):
+            torch.testing.assert_close(engine.fast(step, pos, short), m(step, pos, short_ref), atol=3e-5, rtol=1e-4)
+        assert len(engine.fast._runners) == graphs + 1
     for p in prompts:
         assert speculative_generate(m, draft, p, 30, k=3, compile=True).output_ids == \
             speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids
