@@ -105,7 +105,7 @@ class Engine:
                  compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
         `fast` runs the forwards through `FastForward` (fp32 models; built here from the weights
-        as they are now); `compile` adds its compiled batch-1 decode step (seconds to compile on
+        as they are now); `compile` adds its compiled batch-1 decode steps (seconds to compile on
         first use: worth it for a server, not for a short run)."""
         self.model = model.eval()
         self.fast = fast_forward(model, compile) if fast else None

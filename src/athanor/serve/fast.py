@@ -21,7 +21,9 @@ themselves: softmax over [q.K_cache, q.K_new], causal within the new ones. The g
 (`torch.export`) and compiled ahead of time by AOTInductor, and called through its C++ runner: a
 `torch.compile`d function pays dynamo's guard check and the AOT runtime wrappers in Python on every
 call, which at ~1 ms per token was a quarter of the step (A/B in one process: 1.12 vs 0.83 ms;
-BENCHMARKS.md).
+BENCHMARKS.md). The price: ~10-15 s of export and C++ compilation per graph in every new process
+(AOTInductor's output is not reused across processes here), and each graph holds its own copy of
+the weights as constants.
 
 The model keeps its own parameters (names, HF parity and training are untouched); the stacked,
 transposed copies take as much memory again as the model's matrices and are built from the
