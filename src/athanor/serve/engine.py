@@ -26,7 +26,7 @@ import torch
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.fast import fast_forward
-from athanor.serve.sampling import SamplingParams, apply_penalties, greedy_token, sample_next
+from athanor.serve.sampling import SamplingParams, apply_penalties, greedy_ids, sample_next
 
 
 @dataclass
@@ -275,7 +275,7 @@ class Engine:
         p = req.params
         shaped = apply_penalties(logits.float(), p, req._seen, req._counts) if p.needs_counts or p.logit_bias \
             else logits
-        token = greedy_token(shaped) if p.temperature <= 0 else \
+        token = greedy_ids(shaped) if p.temperature <= 0 else \
             int(sample_next(shaped[None], p.temperature, p.top_k, p.top_p, req._generator, p.min_p)[0])
         if token in p.stop_ids:
             self._finish(req, "stop")
