@@ -85,8 +85,23 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     engine = Engine(m, max_batch=1, compile=True)
     fast = engine.generate(prompts, params)
     assert engine.fast.compile_seconds is not None  # the compiled step did run
+    # Greedy decoding ran mostly in pairs of tokens per compiled call.
+    assert engine.stats.decode_tokens > 1.8 * engine.stats.decode_steps
     eager = Engine(m, max_batch=1, fast=False).generate(prompts, params)
     assert [r.output_ids for r in fast] == [r.output_ids for r in eager]
+    # Requests that end inside a pair: an odd token budget, a stop id first met at an odd or even
+    # step, a context that fills up; log-probs come from each pair's own logits.
+    stop_odd, stop_even = eager[0].output_ids[4], eager[2].output_ids[7]
+    for params in (SamplingParams(max_tokens=29, temperature=0, logprobs=2),
+                   SamplingParams(max_tokens=30, temperature=0, stop_ids=[stop_odd]),
+                   SamplingParams(max_tokens=30, temperature=0, stop_ids=[stop_even]),
+                   SamplingParams(max_tokens=200, temperature=0)):
+        got = engine.generate(prompts, params)
+        want = Engine(m, max_batch=1, fast=False).generate(prompts, params)
+        assert [(r.output_ids, r.finish_reason) for r in got] == [(r.output_ids, r.finish_reason) for r in want]
+        for g, w in zip(got, want, strict=True):
+            for a, b in zip(g.output_logprobs, w.output_logprobs, strict=True):
+                assert a.top[0][0] == b.top[0][0] and abs(a.logprob - b.logprob) < 1e-4
     with torch.no_grad():  # logits and the stored keys/values, at one step
         ids = torch.tensor([prompts[2]])
         max_len = m.config.max_position_embeddings  # the engine's cache length: its graphs serve this cache

@@ -261,13 +261,38 @@ class Engine:
         lengths = [len(self.slot_tokens[s]) for s in rows]
         # Rows at one position (always so at batch 1) take the model's cheaper shared-position path.
         start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
-        logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
-        for i, (s, req) in enumerate(zip(rows, reqs, strict=True)):
+        pair = self._greedy_pair(reqs[0], ids, start, rows) if len(rows) == 1 else None
+        if pair is not None:
+            logits, first = pair
+            req, s = reqs[0], rows[0]
             self.slot_tokens[s].append(req.output_ids[-1])
-            self._accept(req, logits[i])
+            self._accept(req, logits[0, 0])
+            # The graph's second step was fed its own argmax: it counts only if the request took
+            # that same token and goes on (its keys/values then sit in the cache already).
+            produced = 1
+            if not req.done and req.output_ids[-1] == first:
+                self.slot_tokens[s].append(first)
+                self._accept(req, logits[0, 1])
+                produced = 2
+        else:
+            logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
+            for i, (s, req) in enumerate(zip(rows, reqs, strict=True)):
+                self.slot_tokens[s].append(req.output_ids[-1])
+                self._accept(req, logits[i])
+            produced = len(rows)
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_steps += 1
-        self.stats.decode_tokens += len(rows)
+        self.stats.decode_tokens += produced
+
+    def _greedy_pair(self, req: Request, ids: torch.Tensor, start: int, rows: list[int]
+                     ) -> tuple[torch.Tensor, int] | None:
+        """Two greedy tokens from one compiled call (`FastForward.greedy_pair`) for a lone greedy
+        request that wants at least two more tokens and whose logits nothing reshapes; else None."""
+        p = req.params
+        if self.fast is None or p.temperature > 0 or p.needs_counts or p.logit_bias \
+                or p.max_tokens - len(req.output_ids) < 2:
+            return None
+        return self.fast.greedy_pair(ids, start, self.cache.select(rows))
 
     # -- a sampled token ----------------------------------------------------------------------
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
