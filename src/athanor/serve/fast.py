@@ -82,7 +82,7 @@ class FastForward:
 
     def compile(self) -> None:
         """Run batch-1 steps after a cached prefix through compiled graphs from now on (each
-        compiled on first use: ~20 s cold on this CPU)."""
+        compiled on first use: ~10-15 s per graph on this CPU, in every new process)."""
         self._compiling = True
 
     @torch.no_grad()
@@ -130,7 +130,7 @@ class FastForward:
         """Two decode steps in one compiled call, the second fed the first's argmax: logits (1, 2, V)
         for `token` (1, 1) at `start_pos` and for that argmax after it, and the argmax; `cache` receives
         both positions. None where no compiled graph applies (then decode one step at a time).
-        Half the calls, guards of the engine loop and Python around each step, for greedy decoding."""
+        For greedy decoding: half the calls, and half the Python around them."""
         if not self._compiling or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - 2 \
                 or not isinstance(cache.rows, slice) or token.shape != (1, 1):
             return None
@@ -224,8 +224,8 @@ class FastForward:
 
 
 class _Step(torch.nn.Module):
-    """`FastForward._decode_step` as a module, for `torch.export` (its weights become the
-    program's constants)."""
+    """`FastForward._decode_step` (or `_greedy_pair`) as a module, for `torch.export` (its weights
+    become the program's constants)."""
 
     def __init__(self, fast: FastForward, pair: bool = False) -> None:
         super().__init__()
