@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--k", type=int, default=SPECULATIVE_K,
                     help=f"draft tokens proposed per target forward (default {SPECULATIVE_K}, as the speedrun)")
-    ap.add_argument("--compile", action="store_true", help="athanor with torch.compile'd batch-1 decode steps")
+    ap.add_argument("--compile", action="store_true",
+                    help="athanor with its compiled (AOTInductor) batch-1 decode steps")
     ap.add_argument("--spec-prompts", type=int, default=8, help="held-out prompts for the speculative comparison")
     args = ap.parse_args()
     if args.threads:

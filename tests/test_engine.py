@@ -10,7 +10,7 @@ from serve_helpers import naive_greedy, one_thread  # noqa: F401 (autouse fixtur
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.engine import Engine
-from athanor.serve.sampling import SamplingParams, apply_penalties, shape_logits
+from athanor.serve.sampling import SamplingParams, apply_penalties, greedy_ids, shape_logits
 
 PROMPTS = [[5, 17, 33, 2, 9], [100, 3], [7] * 12 + [250, 251, 252], [42], [11, 12, 13, 14, 15, 16, 17, 18]]
 
@@ -151,3 +151,20 @@ def test_shape_logits_truncations() -> None:
     assert keep(min_p=0.3) == [True, True, True, False]
     torch.testing.assert_close(shape_logits(logits, temperature=2.0).softmax(-1),
                                (logits / 2).softmax(-1))
+
+
+def test_greedy_ids_are_torch_argmax() -> None:
+    """The greedy pick of the engine and speculative decoding (numpy's argmax on CPU) agrees with
+    torch.argmax: first of equal maxima, a NaN counting as the maximum, infinities; for one row and
+    for a batch; and on logits that take the torch path."""
+    nan, inf = float("nan"), float("inf")
+    rows = [[1.0, 3.0, 3.0, 2.0], [1.0, nan, 5.0, nan], [-inf, -inf, -inf], [inf, 2.0, inf], [0.5]]
+    rows += torch.randn(20, 4096).tolist()
+    for row in rows:
+        t = torch.tensor(row)
+        assert greedy_ids(t) == int(t.argmax())
+        assert greedy_ids(t.to(torch.bfloat16)) == int(t.to(torch.bfloat16).argmax())
+    batch = torch.randn(6, 4096)
+    batch[2, 7] = batch[2, 9] = 1e3
+    assert greedy_ids(batch) == batch.argmax(-1).tolist()
+    assert greedy_ids(torch.tensor([1.0, 2.0], requires_grad=True)) == 1

@@ -76,7 +76,7 @@ def test_rebuilt_after_the_weights_change() -> None:
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
 
 
-@pytest.mark.slow  # torch.compile: ~30-40 s of tracing and C++ code generation (cold cache)
+@pytest.mark.slow  # AOTInductor: ~10 s of export and C++ compilation per graph, 5 graphs
 def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     m = model()
     draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
@@ -85,11 +85,27 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     engine = Engine(m, max_batch=1, compile=True)
     fast = engine.generate(prompts, params)
     assert engine.fast.compile_seconds is not None  # the compiled step did run
+    # Greedy decoding ran mostly in pairs of tokens per compiled call.
+    assert engine.stats.decode_tokens > 1.8 * engine.stats.decode_steps
     eager = Engine(m, max_batch=1, fast=False).generate(prompts, params)
     assert [r.output_ids for r in fast] == [r.output_ids for r in eager]
+    # Requests that end inside a pair: an odd token budget, a stop id first met at an odd or even
+    # step, a context that fills up; log-probs come from each pair's own logits.
+    stop_odd, stop_even = eager[0].output_ids[4], eager[2].output_ids[7]
+    for params in (SamplingParams(max_tokens=29, temperature=0, logprobs=2),
+                   SamplingParams(max_tokens=30, temperature=0, stop_ids=[stop_odd]),
+                   SamplingParams(max_tokens=30, temperature=0, stop_ids=[stop_even]),
+                   SamplingParams(max_tokens=200, temperature=0)):
+        got = engine.generate(prompts, params)
+        want = Engine(m, max_batch=1, fast=False).generate(prompts, params)
+        assert [(r.output_ids, r.finish_reason) for r in got] == [(r.output_ids, r.finish_reason) for r in want]
+        for g, w in zip(got, want, strict=True):
+            for a, b in zip(g.output_logprobs, w.output_logprobs, strict=True):
+                assert a.top[0][0] == b.top[0][0] and abs(a.logprob - b.logprob) < 1e-4
     with torch.no_grad():  # logits and the stored keys/values, at one step
         ids = torch.tensor([prompts[2]])
-        ref_cache, fast_cache = KVCache(m.config, 1, 32), KVCache(m.config, 1, 32)
+        max_len = m.config.max_position_embeddings  # the engine's cache length: its graphs serve this cache
+        ref_cache, fast_cache = KVCache(m.config, 1, max_len), KVCache(m.config, 1, max_len)
         m(ids, 0, ref_cache)
         engine.fast(ids, 0, fast_cache)
         step = torch.tensor([[9]])
@@ -100,6 +116,14 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
         torch.testing.assert_close(engine.fast(chunk, at, fast_cache), m(chunk, at, ref_cache), atol=3e-5, rtol=1e-4)
         torch.testing.assert_close(fast_cache.k, ref_cache.k, atol=3e-5, rtol=1e-4)
         torch.testing.assert_close(fast_cache.v, ref_cache.v, atol=3e-5, rtol=1e-4)
+        # A shorter cache (other strides) gets a graph of its own; up to its last position.
+        short_ref, short = KVCache(m.config, 1, 24), KVCache(m.config, 1, 24)
+        m(ids, 0, short_ref)
+        engine.fast(ids, 0, short)
+        graphs = len(engine.fast._runners)
+        for pos in range(ids.shape[1], 24):
+            torch.testing.assert_close(engine.fast(step, pos, short), m(step, pos, short_ref), atol=3e-5, rtol=1e-4)
+        assert len(engine.fast._runners) == graphs + 1
     for p in prompts:
         assert speculative_generate(m, draft, p, 30, k=3, compile=True).output_ids == \
             speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids

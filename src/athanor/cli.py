@@ -125,8 +125,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
                         "on a busy machine)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the batch-1 decode step: ~20-50 s on the first request (1-2 s once "
-                        "cached), then faster decoding of single requests (see BENCHMARKS.md)")
+                   help="compile the batch-1 decode steps ahead of time (torch.export + AOTInductor): "
+                        "~20-30 s on the first request, then faster decoding of single requests "
+                        "(see BENCHMARKS.md)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--frame-ancestors", default="*",
                    help="CSP frame-ancestors: who may embed the demo page in an iframe "

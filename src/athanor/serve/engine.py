@@ -26,7 +26,7 @@ import torch
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.fast import fast_forward
-from athanor.serve.sampling import SamplingParams, apply_penalties, sample_next
+from athanor.serve.sampling import SamplingParams, apply_penalties, greedy_ids, sample_next
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Engine:
                  compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
         `fast` runs the forwards through `FastForward` (fp32 models; built here from the weights
-        as they are now); `compile` adds its compiled batch-1 decode step (seconds to compile on
+        as they are now); `compile` adds its compiled batch-1 decode steps (seconds to compile on
         first use: worth it for a server, not for a short run)."""
         self.model = model.eval()
         self.fast = fast_forward(model, compile) if fast else None
@@ -261,13 +261,38 @@ class Engine:
         lengths = [len(self.slot_tokens[s]) for s in rows]
         # Rows at one position (always so at batch 1) take the model's cheaper shared-position path.
         start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
-        logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
-        for s, req, row in zip(rows, reqs, logits, strict=True):
+        pair = self._greedy_pair(reqs[0], ids, start, rows) if len(rows) == 1 else None
+        if pair is not None:
+            logits, first = pair
+            req, s = reqs[0], rows[0]
             self.slot_tokens[s].append(req.output_ids[-1])
-            self._accept(req, row)
+            self._accept(req, logits[0, 0])
+            # The graph's second step was fed its own argmax: it counts only if the request took
+            # that same token and goes on (its keys/values then sit in the cache already).
+            produced = 1
+            if not req.done and req.output_ids[-1] == first:
+                self.slot_tokens[s].append(first)
+                self._accept(req, logits[0, 1])
+                produced = 2
+        else:
+            logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
+            for i, (s, req) in enumerate(zip(rows, reqs, strict=True)):
+                self.slot_tokens[s].append(req.output_ids[-1])
+                self._accept(req, logits[i])
+            produced = len(rows)
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_steps += 1
-        self.stats.decode_tokens += len(rows)
+        self.stats.decode_tokens += produced
+
+    def _greedy_pair(self, req: Request, ids: torch.Tensor, start: int, rows: list[int]
+                     ) -> tuple[torch.Tensor, int] | None:
+        """Two greedy tokens from one compiled call (`FastForward.greedy_pair`) for a lone greedy
+        request that wants at least two more tokens and whose logits nothing reshapes; else None."""
+        p = req.params
+        if self.fast is None or p.temperature > 0 or p.needs_counts or p.logit_bias \
+                or p.max_tokens - len(req.output_ids) < 2:
+            return None
+        return self.fast.greedy_pair(ids, start, self.cache.select(rows))
 
     # -- a sampled token ----------------------------------------------------------------------
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
@@ -275,7 +300,8 @@ class Engine:
         p = req.params
         shaped = apply_penalties(logits.float(), p, req._seen, req._counts) if p.needs_counts or p.logit_bias \
             else logits
-        token = int(sample_next(shaped[None], p.temperature, p.top_k, p.top_p, req._generator, p.min_p)[0])
+        token = greedy_ids(shaped) if p.temperature <= 0 else \
+            int(sample_next(shaped[None], p.temperature, p.top_k, p.top_p, req._generator, p.min_p)[0])
         if token in p.stop_ids:
             self._finish(req, "stop")
             return

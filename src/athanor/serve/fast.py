@@ -11,13 +11,22 @@ operations per layer. This forward computes the same function with ~15:
   (negation is exact, so the rotated term equals the reference's bit for bit);
 - no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
 
-`compile()` adds a `torch.compile`d batch-1 step for new tokens after >= 2 cached ones (one token:
-a decode step; a few: speculative verification and the draft catching up), which fuses the
+`compile()` adds compiled batch-1 steps for new tokens after >= 2 cached ones (one token: a
+decode step; a few: speculative verification and the draft catching up), which fuse the
 elementwise work between the matrix products into generated C++ kernels. Two graphs serve every
-position and length: one new token, and a dynamic number of them. Each reads the cache as a view of
+position and length: one new token, and a dynamic number of them (2-16). Each reads the cache as a view of
 dynamic length, returns the new keys and values and stores them outside the graph (a graph that
 writes into the cache would copy the whole cache each step), and attends to the new keys by
-themselves: softmax over [q.K_cache, q.K_new], causal within the new ones.
+themselves: softmax over [q.K_cache, q.K_new], causal within the new ones. The graphs are exported
+(`torch.export`) and compiled ahead of time by AOTInductor, and called through its C++ runner: a
+`torch.compile`d function pays dynamo's guard check and the AOT runtime wrappers in Python on every
+call, which at ~1 ms per token was a quarter of the step (A/B in one process: 1.12 vs 0.83 ms;
+BENCHMARKS.md). For greedy decoding a third graph runs two steps per call, the second fed the
+first's argmax inside the graph (`greedy_pair`): half the calls and Python around them, 4-9 % per
+token in two A/B runs; the engine keeps the second token only if it is the one it picked.
+The price: ~10-15 s of export and C++ compilation per graph in every new process (AOTInductor's
+output is not reused across processes here), and each graph holds its own copy of the weights as
+constants.
 
 The model keeps its own parameters (names, HF parity and training are untouched); the stacked,
 transposed copies take as much memory again as the model's matrices and are built from the
@@ -27,8 +36,10 @@ weights as they are at construction: `fast_forward(model)` gives a cached one, r
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +74,16 @@ class FastForward:
                 ))
             self.head = _t(model.lm_head.weight)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
-        self._compiled = None
-        self.compile_seconds: float | None = None  # the first compiled call, tracing and code generation
+        self._compiling = False
+        # AOTInductor runners by (graph: "one" new token, a "few", a greedy "pair"; the cache views'
+        # strides): the strides depend on the cache's max_len, which the generated code takes as fixed.
+        self._runners: dict[tuple[str, tuple[int, ...]], torch._C._aoti.AOTIModelPackageLoader] = {}
+        self.compile_seconds: float | None = None  # exporting and compiling the graphs, all together
 
     def compile(self) -> None:
         """Run batch-1 steps after a cached prefix through compiled graphs from now on (each
-        compiled on first use)."""
-        if self._compiled is None:
-            # cpp_wrapper: the generated code calls its kernels from C++ rather than a Python
-            # wrapper, which at ~1 ms per step is a visible share (A/B in one process, batch-1
-            # engine decode: +5% and +13% tok/s, same tokens; BENCHMARKS.md).
-            self._compiled = torch.compile(self._decode_step, fullgraph=True, options={"cpp_wrapper": True})
+        compiled on first use: ~10-15 s per graph on this CPU, in every new process)."""
+        self._compiling = True
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -85,9 +95,9 @@ class FastForward:
         if end > self.max_pos:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
         # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
-        if self._compiled is not None and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
+        if self._compiling and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
                 and isinstance(cache.rows, slice):
-            return self._compiled_step(input_ids, start_pos, cache)
+            return self._compiled_step("one" if T == 1 else "few", input_ids, start_pos, cache)[0]
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         d = self.embed.shape[1]
         mask = None
@@ -115,29 +125,75 @@ class FastForward:
             x = x + _linear(F.silu(gate) * up, w_down)
         return _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
 
-    def _compiled_step(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
-        T = input_ids.shape[1]
-        kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
-        torch._dynamo.mark_dynamic(kc, 3)
-        torch._dynamo.mark_dynamic(vc, 3)
-        if T > 1:  # one graph for every length >= 2 (1 is the decode step's own)
-            torch._dynamo.mark_dynamic(input_ids, 1, min=2, max=self.max_pos)
-        t = time.perf_counter()
-        logits, k, v = self._compiled(input_ids, torch.tensor([start_pos], device=input_ids.device), kc, vc)
-        if self.compile_seconds is None:
-            self.compile_seconds = time.perf_counter() - t
-        cache.k[:, cache.rows, :, start_pos:start_pos + T] = k
-        cache.v[:, cache.rows, :, start_pos:start_pos + T] = v
-        return logits
+    @torch.no_grad()
+    def greedy_pair(self, token: torch.Tensor, start_pos: int, cache: KVCache) -> tuple[torch.Tensor, int] | None:
+        """Two decode steps in one compiled call, the second fed the first's argmax: logits (1, 2, V)
+        for `token` (1, 1) at `start_pos` and for that argmax after it, and the argmax; `cache` receives
+        both positions. None where no compiled graph applies (then decode one step at a time).
+        For greedy decoding: half the calls, and half the Python around them."""
+        if not self._compiling or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - 2 \
+                or not isinstance(cache.rows, slice) or token.shape != (1, 1):
+            return None
+        logits, first = self._compiled_step("pair", token, start_pos, cache)
+        return logits, int(first)
 
-    def _decode_step(self, ids: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+    def _compiled_step(self, graph: str, input_ids: torch.Tensor, start_pos: int, cache: KVCache
+                       ) -> list[torch.Tensor]:
+        kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
+        args = [input_ids, kc, vc]  # the graph reads its position off the cache views' length
+        key = (graph, kc.stride())
+        runner = self._runners.get(key) or self._build(key, args, cache.max_len)
+        # The loader's own entry point: AOTICompiledModel.__call__ would re-parse its pytree specs
+        # on every call (~60 us of a ~0.9 ms step).
+        *out, k, v = runner.run(args)
+        end = start_pos + k.shape[3]
+        cache.k[:, cache.rows, :, start_pos:end] = k
+        cache.v[:, cache.rows, :, start_pos:end] = v
+        return out
+
+    def _build(self, key: tuple[str, tuple[int, ...]], args: list[torch.Tensor], max_len: int
+               ) -> torch._C._aoti.AOTIModelPackageLoader:
+        """Export `_decode_step` for one new token (static shapes), 2..COMPILED_MAX_NEW of them, or
+        `_greedy_pair`, with the cache length dynamic (below the cache's `max_len`: a view of all of
+        it would be contiguous, a case the graph would otherwise branch on), and compile it with
+        AOTInductor."""
+        t = time.perf_counter()
+        cached = torch.export.Dim("cached", min=2, max=min(self.max_pos, max_len) - 1)
+        new = {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)} if key[0] == "few" else {}
+        with torch.no_grad():
+            program = torch.export.export(_Step(self, key[0] == "pair"), tuple(args),
+                                          dynamic_shapes=(new, {3: cached}, {3: cached}))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
+            runner = torch._inductor.aoti_load_package(path).loader
+        self._runners[key] = runner
+        self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t
+        return runner
+
+    def _greedy_pair(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_decode_step` for one token, then again for its logits' argmax, whose step attends to the
+        first step's keys/values as well. Returns the logits (1, 2, V), the argmax (1,) and the keys
+        and values of both positions."""
+        logits, k, v = self._decode_step(ids, kc, vc)
+        first = logits[0, 0].argmax()
+        logits2, k2, v2 = self._decode_step(first.view(1, 1), kc, vc, (k, v))
+        return torch.cat([logits, logits2], 1), first.view(1), torch.cat([k, k2], 3), torch.cat([v, v2], 3)
+
+    def _decode_step(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                     earlier: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """T new tokens (ids (1, T)) from position pos (1,) after cached keys/values kc, vc (layers, 1,
-        kv_heads, pos, head_dim), read only. Returns the logits (1, T, V) and the new keys/values
-        (layers, 1, kv_heads, T, head_dim)."""
+        """T new tokens (ids (1, T)) after cached keys/values kc, vc (layers, 1, kv_heads, L, head_dim),
+        read only, and the keys/values `earlier` of positions right after them that are not in the
+        cache yet (the same layout): the new tokens sit at positions L + E .. L + E + T - 1.
+        Returns the logits (1, T, V) and the new keys/values (layers, 1, kv_heads, T, head_dim)."""
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         G, T, d = H // Hkv, ids.shape[1], self.embed.shape[1]
-        positions = pos + torch.arange(T, device=ids.device)
+        keys, values = ([kc], [vc]) if earlier is None else ([kc, earlier[0]], [vc, earlier[1]])
+        L = sum(k.shape[3] for k in keys)
+        # Gathered rather than sliced: a slice would end at min(L + T, max_pos), a bound that export
+        # would have to prove for every L and T.
+        positions = torch.arange(T, device=ids.device) + L
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # (T, 1, hd)
         # New token i sees the cache and new tokens j <= i.
         future = torch.ones(T, T, dtype=torch.bool, device=ids.device).triu(1) if T > 1 else None
@@ -154,9 +210,10 @@ class FastForward:
             new = _dot(q, k)
             if future is not None:
                 new = new.masked_fill(future, float("-inf"))
-            p = torch.cat([_dot(q, kc[i, 0, :, None]), new], -1).softmax(-1)
-            L = kc.shape[3]
-            y = _mix(p[..., :L], vc[i, 0, :, None]) + _mix(p[..., L:], v)  # (Hkv, G, T, hd)
+            p = torch.cat([*(_dot(q, kk[i, 0, :, None]) for kk in keys), new], -1).softmax(-1)
+            y, at = _mix(p[..., L:], v), 0  # (Hkv, G, T, hd)
+            for kk, vv in zip(keys, values, strict=True):
+                y, at = y + _mix(p[..., at:at + kk.shape[3]], vv[i, 0, :, None]), at + kk.shape[3]
             ks.append(k[:, 0])
             vs.append(v[:, 0])
             x = x + _linear(y.permute(2, 0, 1, 3).reshape(T, H * hd), w_o, b_o)
@@ -164,6 +221,18 @@ class FastForward:
             x = x + _linear(F.silu(gate) * up, w_down)
         logits = _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
         return logits[None], torch.stack(ks)[:, None], torch.stack(vs)[:, None]
+
+
+class _Step(torch.nn.Module):
+    """`FastForward._decode_step` (or `_greedy_pair`) as a module, for `torch.export` (its weights
+    become the program's constants)."""
+
+    def __init__(self, fast: FastForward, pair: bool = False) -> None:
+        super().__init__()
+        self.fast, self.pair = fast, pair
+
+    def forward(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fast._greedy_pair(ids, kc, vc) if self.pair else self.fast._decode_step(ids, kc, vc)
 
 
 def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,16 @@ def shape_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     return logits
 
 
+def greedy_ids(logits: torch.Tensor) -> int | list[int]:
+    """The argmax over the last axis: an int for one row of logits (vocab,), a list for (rows, vocab).
+    The first of equal maxima, a NaN counting as the maximum, as `torch.argmax` (and numpy's argmax)
+    define it. CPU fp32 logits go through numpy: torch's reduction costs ~8 us of dispatch for a
+    4,096-entry row, numpy's ~0.5 us, against a decode step of ~1 ms."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, min_p: float = 0.0) -> torch.Tensor:
     """One token id per row of `logits` (batch, vocab). Temperature 0 is greedy (argmax)."""

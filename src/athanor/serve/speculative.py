@@ -21,7 +21,7 @@ import torch
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.fast import fast_forward
-from athanor.serve.sampling import shape_logits
+from athanor.serve.sampling import greedy_ids, shape_logits
 
 
 @dataclass
@@ -98,7 +98,7 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
         for _ in range(n):
             logits = run(1, proposal[-1:])[-1]
             if greedy:
-                proposal.append(int(logits.argmax()))
+                proposal.append(greedy_ids(logits))
             else:
                 q.append(_probs(logits[None], temperature, top_k, top_p)[0])
                 proposal.append(int(torch.multinomial(q[-1], 1, generator=gen)))
@@ -107,7 +107,7 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
         if greedy:
             # Rejection sampling with one-hot p and q accepts exactly while the draft token is the
             # target's argmax, and then emits that argmax: compare the ids, skip the distributions.
-            best = logits.argmax(-1).tolist()
+            best = greedy_ids(logits)
             n_ok = next((i for i, (x, b) in enumerate(zip(proposal, best, strict=False)) if x != b), n)
             nxt = best[n_ok]
         else:
