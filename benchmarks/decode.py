@@ -72,7 +72,7 @@ def main() -> None:
     spec_prompts = held_out_prompts(args.run_dir, args.spec_prompts, tok.bos_id)
     rows: dict[str, list[float]] = {k: [] for k in ("athanor b1", "hf b1", "athanor 1 stream", "athanor 8 streams",
                                                     "plain", "speculative", "acceptance", "tokens/round")}
-    engine1, engine8 = Engine(target, max_batch=1, compile=args.compile), Engine(target, max_batch=8)
+    engine1, engine8 = (Engine(target, max_batch=b, compile=args.compile) for b in (1, 8))
     if args.compile:  # compile both models' decode steps outside the timed rounds
         t = time.perf_counter()
         speculative_vs_plain(target, draft, spec_prompts[:1], 8, k=args.k, compile=True)

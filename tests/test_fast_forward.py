@@ -73,6 +73,9 @@ def test_rebuilt_after_the_weights_change() -> None:
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids, 0, KVCache(m.config, 1, 8)), m(ids), atol=3e-5, rtol=1e-4)
+    compiled = fast_forward(m, compile=True)
+    assert compiled.compiled and not fast_forward(m).compiled  # asking for compiled steps leaves others eager
+    assert fast_forward(m, compile=True) is compiled
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
 
 

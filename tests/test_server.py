@@ -127,6 +127,10 @@ def test_errors_are_openai_shaped(server: str, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "a"}], temperature=9)
     assert e.value.body["param"] == "temperature"
+    for bias, param in [({"the": 5}, "logit_bias"), ({"999999": 5}, "logit_bias")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="x", prompt="a", max_tokens=2, logit_bias=bias)
+        assert e.value.body["param"] == param
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
     req = urllib.request.Request(server + "/v1/completions", data=b"{not json", method="POST",

@@ -11,8 +11,9 @@ operations per layer. This forward computes the same function with ~15:
   (negation is exact, so the rotated term equals the reference's bit for bit);
 - no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
 
-`compile()` adds compiled batch-1 steps for new tokens after >= 2 cached ones (one token: a
-decode step; a few: speculative verification and the draft catching up), which fuse the
+A compiled FastForward (`fast_forward(model, compile=True)`) adds compiled batch-1 steps for new
+tokens after >= 2 cached ones (one token: a decode step; a few: speculative verification and the
+draft catching up), which fuse the
 elementwise work between the matrix products into generated C++ kernels. Two graphs serve every
 position and length: one new token, and a dynamic number of them (2-16). Each reads the cache as a view of
 dynamic length, returns the new keys and values and stores them outside the graph (a graph that
@@ -52,9 +53,8 @@ COMPILED_MAX_NEW = 16
 
 
 class FastForward:
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: LlamaModel, compiled: bool = False) -> None:
         c = model.config
-        self.model = model
         self.n_heads, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.dim_per_head
         self.eps = c.rms_norm_eps
         self.max_pos = c.max_position_embeddings
@@ -74,16 +74,11 @@ class FastForward:
                 ))
             self.head = _t(model.lm_head.weight)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
-        self._compiling = False
+        self.compiled = compiled
         # AOTInductor runners by (graph: "one" new token, a "few", a greedy "pair"; the cache views'
         # strides): the strides depend on the cache's max_len, which the generated code takes as fixed.
         self._runners: dict[tuple[str, tuple[int, ...]], torch._C._aoti.AOTIModelPackageLoader] = {}
         self.compile_seconds: float | None = None  # exporting and compiling the graphs, all together
-
-    def compile(self) -> None:
-        """Run batch-1 steps after a cached prefix through compiled graphs from now on (each
-        compiled on first use: ~10-15 s per graph on this CPU, in every new process)."""
-        self._compiling = True
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -95,7 +90,7 @@ class FastForward:
         if end > self.max_pos:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings = {self.max_pos}")
         # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
-        if self._compiling and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
+        if self.compiled and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
                 and isinstance(cache.rows, slice):
             return self._compiled_step("one" if T == 1 else "few", input_ids, start_pos, cache)[0]
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
@@ -131,7 +126,7 @@ class FastForward:
         for `token` (1, 1) at `start_pos` and for that argmax after it, and the argmax; `cache` receives
         both positions. None where no compiled graph applies (then decode one step at a time).
         For greedy decoding: half the calls, and half the Python around them."""
-        if not self._compiling or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - 2 \
+        if not self.compiled or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - 2 \
                 or not isinstance(cache.rows, slice) or token.shape != (1, 1):
             return None
         logits, first = self._compiled_step("pair", token, start_pos, cache)
@@ -260,7 +255,8 @@ def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None = None) -
     return y if b is None else y + b
 
 
-_built: weakref.WeakKeyDictionary[LlamaModel, tuple[list[tuple[int, int]], FastForward]] = \
+# Per model, per mode (eager, compiled): (parameter versions it was built from, the FastForward).
+_built: weakref.WeakKeyDictionary[LlamaModel, dict[bool, tuple[list[tuple[int, int]], FastForward]]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -269,13 +265,13 @@ def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None
     storage moved) or modified in place (its version counter: an optimizer step or `load_state_dict`
     bumps it); None for a model that is not fp32, whose reference forward normalizes in fp32 and
     casts back.
-    `compile` turns on its compiled batch-1 decode step (see `FastForward.compile`)."""
+    `compile` gives the one whose batch-1 steps after a cached prefix run through compiled graphs
+    (each compiled on first use: ~10-15 s per graph on this CPU, in every new process); the eager
+    one stays eager for other callers."""
     if next(model.parameters()).dtype != torch.float32:
         return None
     versions = [(p.data_ptr(), p._version) for p in model.parameters()]
-    if model not in _built or _built[model][0] != versions:
-        _built[model] = (versions, FastForward(model))
-    fast = _built[model][1]
-    if compile:
-        fast.compile()
-    return fast
+    modes = _built.setdefault(model, {})
+    if compile not in modes or modes[compile][0] != versions:
+        modes[compile] = (versions, FastForward(model, compiled=compile))
+    return modes[compile][1]

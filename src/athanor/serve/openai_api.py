@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from athanor.serve.engine import Request, TokenLogprob
 from athanor.serve.sampling import SamplingParams
@@ -34,6 +34,14 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _keys_are_token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [k for k in bias or {} if not k.strip().lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids (integers as strings), got {bad[0]!r}")
+        return bias
 
     def sampling(self, max_tokens: int, stop_ids: list[int], logprobs: int | None,
                  prompt_logprobs: int | None, choice: int) -> SamplingParams:
