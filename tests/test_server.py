@@ -80,6 +80,25 @@ def test_completion_echo_logprobs_match_the_model(client: openai.OpenAI, run_dir
     assert lp.token_logprobs[n_prompt:] == pytest.approx(greedy, abs=1e-5)  # temperature 0 takes the top token
 
 
+def test_next_token_view_is_the_models_distribution(server: str, run_dir: Path) -> None:
+    prompt = "import os\nimport"
+    body = json.dumps({"prompt": prompt, "temperature": 0.7, "top_k": 0, "top": 5}).encode()
+    req = urllib.request.Request(server + "/v1/next_token", data=body,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        view = json.loads(r.read())
+    tok = Tokenizer.load(run_dir)
+    ids = [tok.bos_id, *tok.encode(prompt)]
+    with torch.no_grad():
+        logits = load_pretrained(run_dir)(torch.tensor([ids]))[0, -1]
+    probs, logprobs = (logits / 0.7).softmax(-1), logits.log_softmax(-1)
+    top = probs.topk(5)
+    assert [t["id"] for t in view["tokens"]] == top.indices.tolist()
+    assert [t["prob"] for t in view["tokens"]] == pytest.approx(top.values.tolist(), rel=1e-4)
+    assert [t["logprob"] for t in view["tokens"]] == pytest.approx(logprobs[top.indices].tolist(), abs=1e-4)
+    assert [t["id"] for t in view["prompt_tokens"]] == ids[1:]
+
+
 def test_list_prompts_n_and_seed(client: openai.OpenAI) -> None:
     kw = dict(model="x", prompt=["import os\n", "class "], max_tokens=8, n=2, seed=7, temperature=1.0)
     a = client.completions.create(**kw)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athanor.data.sampler import EpochSampler
 from athanor.data.shards import open_tokens
 from athanor.model.llama import LlamaModel, ModelConfig
 from athanor.serve.engine import Engine
@@ -97,26 +98,17 @@ def teacher_sequences(target: LlamaModel, prompts: list[list[int]], new_tokens: 
 
 
 class DistillStage:
-    """Shuffled batches of teacher sequences (resumable: epoch and cursor); loss on the continuations."""
+    """Shuffled batches of teacher sequences, sharded over ranks (resumable); loss on the continuations."""
 
     def __init__(self, train: tuple[torch.Tensor, torch.Tensor], held_out: tuple[torch.Tensor, torch.Tensor],
-                 batch_size: int, seed: int) -> None:
+                 batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.x, self.y = train
-        self.held_out, self.batch_size, self.seed = held_out, min(batch_size, len(self.x)), seed
-        self.epoch, self.cursor = 0, 0
-        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its shuffled order), derived
-
-    def _epoch_order(self) -> torch.Tensor:
-        if self._order is None or self._order[0] != self.epoch:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
-            self._order = (self.epoch, torch.from_numpy(perm))
-        return self._order[1]
+        self.held_out, self.batch_size = held_out, batch_size
+        self.sampler = EpochSampler(len(self.x), max(1, min(batch_size, len(self.x) // world)), seed, rank, world,
+                                    what="teacher sequences")
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cursor + self.batch_size > len(self.x):
-            self.epoch, self.cursor = self.epoch + 1, 0
-        idx = self._epoch_order()[self.cursor:self.cursor + self.batch_size]
-        self.cursor += self.batch_size
+        idx = torch.from_numpy(self.sampler.next_indices())
         return self.x[idx], self.y[idx]
 
     def loss_tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
@@ -140,10 +132,10 @@ class DistillStage:
         return {"val_loss": nll / n, "agreement": hits / n}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.sampler.load_state_dict(state)
 
 
 def distill_draft(target: LlamaModel, run_dir: str | Path, out_dir: str | Path, train_cfg: Any,
@@ -175,8 +167,8 @@ def distill_draft(target: LlamaModel, run_dir: str | Path, out_dir: str | Path, 
         mc = model_config or draft_config(target.config)
         draft = LlamaModel(mc)
         out_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(draft, DistillStage(data, held_out, train_cfg.batch_size, cfg.seed), train_cfg, out_dir,
-                          info, show_progress)
+        stage = DistillStage(data, held_out, train_cfg.batch_size, cfg.seed, info.rank, info.world)
+        trainer = Trainer(draft, stage, train_cfg, out_dir, info, show_progress)
         t1 = time.perf_counter()
         final = trainer.fit() or trainer.evaluate()
         train_s = time.perf_counter() - t1
