@@ -119,7 +119,8 @@ def quantize_blocks(name: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
         return
     _, divisor, flags_ties = _GRAPHS[name]
     torch._dynamo.mark_dynamic(blocks, 0)  # one graph for every block count
-    parts = _graph(name)(blocks, torch.tensor(divisor))
+    with torch.no_grad():  # grad mode is part of the graph's guards: one mode, one compile
+        parts = _graph(name)(blocks, torch.tensor(divisor))
     if flags_ties:
         *parts, total = parts
     *header, body = parts
