@@ -118,6 +118,16 @@ def test_importance_weights_steer_the_kquant_search() -> None:
     assert weighted(steered) < 0.9 * weighted(plain)
 
 
+def test_compile_without_a_cxx_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config
+
+    from athanor.quant import compiled
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    with config.patch({"cpp.cxx": ("/nonexistent/c++",)}), pytest.raises(AthanorError, match="C\\+\\+ compiler"):
+        quantize(torch.randn(64, 1024), "Q4_0", compile=True)
+
+
 def test_float_types_and_bad_shapes() -> None:
     x = torch.randn(3, 64)
     assert torch.equal(dequantize(quantize(x, "F32"), "F32", 64), x)
@@ -182,6 +192,13 @@ def test_legacy_types_bit_exact_on_rounding_edges(name: str) -> None:
     assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), gq.quantize(x, gguf.GGMLQuantizationType[name]))
 
 
+def _needs_cxx() -> None:
+    from athanor.quant.compiled import cxx_available
+
+    if not cxx_available():
+        pytest.skip("no C++ compiler for torch.compile")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LEGACY)
 def test_compiled_legacy_types_bit_exact_with_gguf(name: str) -> None:
@@ -191,6 +208,7 @@ def test_compiled_legacy_types_bit_exact_with_gguf(name: str) -> None:
     random rows, and on a tensor too small for the graph (eager route)."""
     from athanor.quant import compiled
 
+    _needs_cxx()
     edges, flips = rounding_edge_rows(name)
     assert flips > 0  # the edge rows would catch a contracted multiply-add
     cases = [adversarial_rows(512), adversarial_rows(2048, rows=40, seed=5), edges,

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from athanor.errors import AthanorError
 from athanor.quant import legacy
 
 MIN_BLOCKS = 64
@@ -105,8 +106,23 @@ _GRAPHS: dict[str, tuple[Callable[..., tuple[torch.Tensor, ...]], float, bool]] 
 _compiled: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
 
 
+def cxx_available() -> bool:
+    """Whether inductor finds the C++ compiler it builds the graphs with (g++, or $CXX)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return False
+    return True
+
+
 def _graph(name: str) -> Callable[..., tuple[torch.Tensor, ...]]:
     if name not in _compiled:
+        if not cxx_available():
+            raise AthanorError("compile=True (--compile) needs a C++ compiler for torch.compile (g++, or one "
+                               "named by $CXX); install one or quantize without it (same bytes)", field="compile")
         _compiled[name] = torch.compile(_GRAPHS[name][0], dynamic=False, options=_OPTIONS)
     return _compiled[name]
 
