@@ -2,8 +2,9 @@
 
 1. Quantize throughput (million weights/s) of athanor's torch quantizers vs gguf-py's numpy
    ones (`gguf.quants.quantize`, bit-exact references) on the same matrix, for the types gguf-py
-   can quantize (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1); athanor's K-quants (which gguf-py cannot
-   quantize) are timed alone. Goal (issue 5): at least 5x.
+   can quantize (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), eager and `compile=True` side by side (the
+   compiling first call timed apart); athanor's K-quants (which gguf-py cannot quantize) are
+   timed alone. Goal (issue 5): at least 5x.
 2. Decode tokens/s at batch 1, greedy, of athanor's quantized modules vs llama.cpp
    (llama-cpp-python, when installed) on the same GGUF file, for Q8_0 and Q4_0 (and F32):
    athanor with exact dequantized products, and with torch's int4 kernel in bf16
@@ -55,17 +56,23 @@ def bench_quantize(rows: int, cols: int, rounds: int) -> None:
     xt = torch.from_numpy(x)
     mw = rows * cols / 1e6
     print(f"\n## quantize throughput, {rows}x{cols} float32 matrix, {torch.get_num_threads()} threads (M weights/s)")
-    print(f"{'type':8} {'athanor':>10} {'gguf-py':>10} {'ratio':>7}")
+    print("(+compile: `quantize(..., compile=True)`, torch.compile'd graphs; its first call, which compiles, "
+          "is timed apart)")
+    print(f"{'type':8} {'athanor':>10} {'+compile':>10} {'gguf-py':>10} {'ratio':>7} {'ratio+c':>8} {'compile s':>10}")
     for name in ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]:
-        ours, theirs = [], []
-        for _ in range(rounds):  # alternate the two sides, round by round
+        t = time.perf_counter()
+        quantize(xt, name, compile=True)
+        compile_s = time.perf_counter() - t
+        ours, compiled, theirs = [], [], []
+        for _ in range(rounds):  # alternate the sides, round by round
             ours.append(_median_time(lambda n=name: quantize(xt, n), 1))
+            compiled.append(_median_time(lambda n=name: quantize(xt, n, compile=True), 1))
             theirs.append(_median_time(lambda n=name: gq.quantize(x, gguf.GGMLQuantizationType[n]), 1))
-        a, b = mw / statistics.median(ours), mw / statistics.median(theirs)
-        print(f"{name:8} {a:10.1f} {b:10.1f} {a / b:6.1f}x")
+        a, c, b = (mw / statistics.median(v) for v in (ours, compiled, theirs))
+        print(f"{name:8} {a:10.1f} {c:10.1f} {b:10.1f} {a / b:6.1f}x {c / b:7.1f}x {compile_s:10.1f}")
     for name in ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]:
         a = mw / _median_time(lambda n=name: quantize(xt, n), max(1, rounds // 2))
-        print(f"{name:8} {a:10.1f} {'(cannot)':>10} {'':>7}")
+        print(f"{name:8} {a:10.1f} {'':>10} {'(cannot)':>10}")
 
 
 def _toy_run(out: Path) -> Path:

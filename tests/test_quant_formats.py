@@ -118,6 +118,16 @@ def test_importance_weights_steer_the_kquant_search() -> None:
     assert weighted(steered) < 0.9 * weighted(plain)
 
 
+def test_compile_without_a_cxx_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor import config
+
+    from athanor.quant import compiled
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    with config.patch({"cpp.cxx": ("/nonexistent/c++",)}), pytest.raises(AthanorError, match="C\\+\\+ compiler"):
+        quantize(torch.randn(64, 1024), "Q4_0", compile=True)
+
+
 def test_float_types_and_bad_shapes() -> None:
     x = torch.randn(3, 64)
     assert torch.equal(dequantize(quantize(x, "F32"), "F32", 64), x)
@@ -126,3 +136,85 @@ def test_float_types_and_bad_shapes() -> None:
         quantize(x, "Q4_K")
     with pytest.raises(AthanorError, match="unknown tensor type"):
         quantize(x, "Q7_0")
+
+
+def rounding_edge_rows(name: str, blocks: int = 512, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Blocks whose products x * id (Q4_1/Q5_1: (x - min) * id) land, once rounded to float32, exactly
+    on a rounding boundary of the next step (the half-integers where trunc(v + c) or roundf(v) changes)
+    while the exact product does not: there a fused multiply-add (one rounding) and the reference's
+    separate multiply then add (two roundings) can disagree. Returns the rows and how many codes a
+    fused multiply-add would change (emulated in float64, where the product and the sum are exact)."""
+    rng = np.random.default_rng(seed)
+    f32, up, down = np.float32, np.float32(np.inf), np.float32(-np.inf)
+    symmetric = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16}.get(name)
+    rows = []
+    flips = 0
+    for _ in range(blocks):
+        scale = f32(rng.uniform(0.01, 10.0))
+        if symmetric:  # element 0 sets d = scale / (+-)symmetric; the others stay below it in magnitude
+            lo, head = f32(0), [scale]
+            d = scale / f32(symmetric if name == "Q8_0" else -symmetric)
+            c = f32(0.49999997) if name == "Q8_0" else f32(symmetric + 0.5)
+            targets = np.arange(-symmetric + 0.5, symmetric - 0.5, 1.0)
+            bounds = (-scale * f32(0.999), scale * f32(0.999))
+        else:  # elements 0 and 1 are the block's minimum and maximum
+            lo = f32(-scale * f32(rng.uniform(0.1, 0.9)))
+            head = [lo, f32(lo + scale)]
+            d = (head[1] - lo) / f32(15 if name == "Q4_1" else 31)
+            c, targets, bounds = f32(0.5), np.array([0.5, 1.5]), (lo, head[1])  # + 0.5 flips only when small
+        inv = f32(1) / d
+        cells = []
+        for t in rng.choice(targets, 32 - len(head)):
+            v = f32(lo + f32(t) / inv)
+            for step in range(6):  # walk to a neighbour whose float32 product lands on the boundary
+                p32 = (v - lo) * inv
+                if p32 == f32(np.floor(p32) + 0.5):
+                    break
+                v = np.nextafter(v, up if step % 2 else down)
+            cells.append(v)
+        cells = np.clip(np.array(cells, f32), *bounds)
+        rows.append(np.concatenate([np.array(head, f32), cells]))
+        diff = cells - lo
+        prod = diff * inv
+        exact = diff.astype(np.float64) * np.float64(inv)
+        if name == "Q8_0":
+            two, one = prod + np.copysign(c, prod), exact + np.copysign(np.float64(c), exact)
+        else:
+            two, one = prod + c, exact + np.float64(c)
+        flips += int(np.count_nonzero(np.trunc(two) != np.trunc(one.astype(f32))))
+    return np.stack(rows).reshape(-1, 1024), flips
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_types_bit_exact_on_rounding_edges(name: str) -> None:
+    x, flips = rounding_edge_rows(name, blocks=128)
+    assert flips > 0
+    assert np.array_equal(quantize(torch.from_numpy(x), name).numpy(), gq.quantize(x, gguf.GGMLQuantizationType[name]))
+
+
+def _needs_cxx() -> None:
+    from athanor.quant.compiled import cxx_available
+
+    if not cxx_available():
+        pytest.skip("no C++ compiler for torch.compile")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LEGACY)
+def test_compiled_legacy_types_bit_exact_with_gguf(name: str) -> None:
+    """`compile=True` (torch.compile'd graphs, quant/compiled.py) writes gguf-py's bytes: on the
+    adversarial rows (ties of either sign first, zero and signed-zero blocks, grids), on products that
+    round onto a boundary (where a fused multiply-add would change codes: at least one here), on many
+    random rows, and on a tensor too small for the graph (eager route)."""
+    from athanor.quant import compiled
+
+    _needs_cxx()
+    edges, flips = rounding_edge_rows(name)
+    assert flips > 0  # the edge rows would catch a contracted multiply-add
+    cases = [adversarial_rows(512), adversarial_rows(2048, rows=40, seed=5), edges,
+             np.random.default_rng(3).standard_normal((600, 1024)).astype(np.float32),
+             np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)]
+    for x in cases:
+        ref = gq.quantize(x, gguf.GGMLQuantizationType[name])
+        assert np.array_equal(quantize(torch.from_numpy(x), name, compile=True).numpy(), ref)
+    assert name in compiled._compiled  # the graph ran (not only the eager route)

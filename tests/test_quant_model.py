@@ -155,3 +155,22 @@ def test_cli_export_import_imatrix_and_clear_errors(run_with_text: tuple[Path, P
     assert r.returncode == 2 and "bad.gguf" in r.stderr and "Traceback" not in r.stderr
     r = athanor(str(run), "--types", "Q9_9")
     assert r.returncode == 2 and "unknown quantization type" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_export_compile_writes_the_same_file(run_with_text: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--compile` (torch.compile'd legacy quantizers) changes the speed, never the bytes."""
+    from athanor.quant.compiled import cxx_available
+
+    if not cxx_available():
+        pytest.skip("no C++ compiler for torch.compile")
+    run, _ = run_with_text
+    for scheme in ("Q4_0", "Q5_1"):
+        files = []
+        for flags in ([], ["--compile"]):
+            out = tmp_path / f"m-{scheme}{'-c' if flags else ''}.gguf"
+            r = subprocess.run([sys.executable, "-m", "athanor", "quantize", "export", str(run), "--type", scheme,
+                                "--out", str(out), *flags], capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+            files.append(out.read_bytes())
+        assert files[0] == files[1]

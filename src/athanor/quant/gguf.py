@@ -143,11 +143,12 @@ def _tensor_array(q: QTensor, hf_name: str, config: ModelConfig) -> np.ndarray:
 
 def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme = "F32",
                 imatrix: dict[str, torch.Tensor] | None = None, model: LlamaModel | None = None,
-                weights: dict[str, QTensor] | None = None) -> dict[str, Any]:
+                weights: dict[str, QTensor] | None = None, compile: bool = False) -> dict[str, Any]:
     """Write `out_path` (atomically) from the model and tokenizer in `run_dir`.
 
     Returns a summary: the scheme's label, the type of each tensor, and the file size.
-    `model` / `weights` skip reloading / requantizing when the caller already has them.
+    `model` / `weights` skip reloading / requantizing when the caller already has them;
+    `compile` quantizes the legacy types with `torch.compile`d graphs (same bytes).
     """
     import gguf
 
@@ -155,7 +156,7 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme 
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     model = model if model is not None else load_pretrained(run_dir)
     config = model.config
-    weights = weights if weights is not None else quantize_weights(model, scheme, imatrix)
+    weights = weights if weights is not None else quantize_weights(model, scheme, imatrix, compile)
     tok = _tokenizer_fields(run_dir, config.vocab_size)
     if len(tok["tokens"]) != config.vocab_size:
         raise AthanorError(f"tokenizer has {len(tok['tokens'])} tokens but the model's vocab_size is "

@@ -40,11 +40,12 @@ class QTensor:
 
 
 def quantize_weights(model: LlamaModel, scheme: str | Scheme,
-                     imatrix: dict[str, torch.Tensor] | None = None) -> dict[str, QTensor]:
+                     imatrix: dict[str, torch.Tensor] | None = None, compile: bool = False) -> dict[str, QTensor]:
     """The state dict (HF names; the tied head left out) in the scheme's types.
 
     `imatrix` maps a Linear's name (e.g. `model.layers.0.mlp.down_proj`) to the mean squared
-    activation of each of its input columns; it weights the K-quant scale search.
+    activation of each of its input columns; it weights the K-quant scale search. `compile`:
+    the legacy types through `torch.compile`d graphs (same bytes; see `formats.quantize`).
     """
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     out = {}
@@ -58,7 +59,7 @@ def quantize_weights(model: LlamaModel, scheme: str | Scheme,
         # then weighted by the activations entering the head.
         module = "lm_head" if name == "model.embed_tokens.weight" else name.removesuffix(".weight")
         imp = None if imatrix is None else imatrix.get(module)
-        out[name] = QTensor(t, quantize(w2, t, imp), w2.shape[0], w2.shape[1])
+        out[name] = QTensor(t, quantize(w2, t, imp, compile), w2.shape[0], w2.shape[1])
     return out
 
 

@@ -44,6 +44,7 @@ class ScorecardConfig:
     answer_tokens: int = 48        # greedy tokens per prompt for answer similarity and decode speed
     embeddings: bool = True        # answer similarity via sentence embeddings, when installed
     write_gguf: bool = True        # write each scheme's GGUF (its size is the file-size column)
+    compile: bool = False          # legacy types quantized by torch.compile'd graphs (same bytes)
 
 
 def _sentence_encoder() -> Any | None:
@@ -108,7 +109,7 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
              "answer similarity": 1.0 if encoder else None, "decode tok/s": ref_speed, "mix": False}]
     for scheme in schemes:
         t0 = time.perf_counter()
-        weights = quantize_weights(base, scheme, imatrix)
+        weights = quantize_weights(base, scheme, imatrix, cfg.compile)
         n_values = sum(q.rows * q.cols for q in weights.values())
         bpw = 8 * sum(q.nbytes for q in weights.values()) / n_values
         size = None

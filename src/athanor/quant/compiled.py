@@ -1,0 +1,157 @@
+"""The legacy block types quantized by `torch.compile`d graphs: opt-in, bit-exact, 2-3x eager.
+
+`legacy.py` spends most of its time in per-op overhead and in re-reading the weights once per
+eager op. Here each type is one graph that inductor turns into a C++ loop nest (OpenMP over
+blocks, AVX vectors within a block): per block, its statistics and then its codes, the block
+still in L1 for the second read; the outputs come back as the packed code bytes plus one column
+per 16-bit header field, and strided copies put them into the GGML blocks. (Returned apart,
+not concatenated in the graph: inductor's CPU concatenation of bytes falls back to an eager op,
+and fusing the header into the loop nest measured 2x slower.)
+
+Bit-exactness with ggml's reference (`quantize_row_*_ref`, and `gguf.quants`) rests on:
+- every float step being the reference's own float32 operation, in its order: inductor on CPU
+  keeps `a / b` a division (it turns division by a constant into a multiplication only on
+  GPUs), so the divisors are passed in as tensors all the same, and the C++ compiler is told
+  not to contract a multiply and an add into an FMA (`-ffp-contract=off`, pinned below
+  against the environment variable that changes it, with unsafe math optimizations off);
+- roundf (Q8_0) as trunc(v + copysign(0.49999997, v)), exact for every float32 as in `legacy.py`;
+- the sign of Q4_0/Q5_0's scale: the element of largest magnitude is the block maximum when
+  max + min > 0 and the minimum when < 0; blocks where the two tie (max + min == 0, all-zero
+  blocks included), whose sign the reference takes from the first such element, are rare and
+  redone by `legacy.py`.
+
+A graph compiles once per type and process (measured: ~1.5 s per type on a cold inductor cache
+plus ~11 s of dynamo/inductor start-up for the first; ~0.2 s warm), with the number of blocks
+dynamic. Tensors of fewer than `MIN_BLOCKS` blocks go to `legacy.py`: dynamo would specialize
+sizes 0 and 1 into graphs of their own, and a call's fixed cost dominates so few weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from athanor.errors import AthanorError
+from athanor.quant import legacy
+
+MIN_BLOCKS = 64
+_HALF_BELOW = 0.49999997  # float32 0x3EFFFFFF, the largest float32 below 0.5 (see legacy.py)
+_OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _q8_0(x: torch.Tensor, divisor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    d = x.abs().amax(1, keepdim=True) / divisor
+    v = x * _inverse(d)
+    q = torch.trunc(v + torch.copysign(torch.full_like(v, _HALF_BELOW), v)).to(torch.int8)
+    return d.to(torch.float16), q
+
+
+def _nibbles_and_high_bits(code: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                           levels: int) -> tuple[torch.Tensor, ...]:
+    """Codes 0..15 in the low nibbles and 16..31 in the high ones, (n, 16) uint8; for 5-bit codes
+    first bit 4 of codes 0..15 and of 16..31, (n, 1) int32 each (the two halves of ggml's qh).
+
+    The codes are computed per half straight from x (no (n, 32) code tensor to re-read). The
+    bits are gathered by a float sum of distinct powers of two below 2**16, exact in any order:
+    inductor's vectorized horizontal sum exists for floats, its integer one is a scalar loop.
+    """
+    lo, hi = code(x[:, :16]), code(x[:, 16:])
+    packed = (lo & 0xF | ((hi & 0xF) << 4)).to(torch.uint8)
+    if levels == 16:
+        return (packed,)
+    shifts = torch.arange(16, dtype=torch.int32, device=x.device)
+    qh = [(((c >> 4) & 1) << shifts).to(torch.float32).sum(1, keepdim=True).to(torch.int32)
+          for c in (lo, hi)]
+    return (*qh, packed)
+
+
+def _symmetric(x: torch.Tensor, divisor: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
+    """Q4_0/Q5_0; the last output, max + min per block, is 0 where the sign needs `legacy.py`."""
+    mx, mn = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    total = mx + mn
+    d = torch.where(total > 0, mx, mn) / divisor
+    inv = _inverse(d)
+
+    def code(xs: torch.Tensor) -> torch.Tensor:
+        return torch.trunc(xs * inv + (levels // 2 + 0.5)).to(torch.int32).clamp_max(levels - 1)
+
+    return (d.to(torch.float16), *_nibbles_and_high_bits(code, x, levels), total)
+
+
+def _affine(x: torch.Tensor, divisor: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
+    """Q4_1/Q5_1."""
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    d = (hi - lo) / divisor
+    inv = _inverse(d)
+
+    def code(xs: torch.Tensor) -> torch.Tensor:
+        return torch.trunc((xs - lo) * inv + 0.5).to(torch.int32).clamp_max(levels - 1)
+
+    return (d.to(torch.float16), lo.to(torch.float16), *_nibbles_and_high_bits(code, x, levels))
+
+
+# Per type: the graph, its divisor (the reference's d = ... / divisor) and whether the graph's
+# last output flags blocks for `legacy.py`.
+_GRAPHS: dict[str, tuple[Callable[..., tuple[torch.Tensor, ...]], float, bool]] = {
+    "Q8_0": (_q8_0, 127.0, False),
+    "Q4_0": (lambda x, divisor: _symmetric(x, divisor, 16), -8.0, True),
+    "Q5_0": (lambda x, divisor: _symmetric(x, divisor, 32), -16.0, True),
+    "Q4_1": (lambda x, divisor: _affine(x, divisor, 16), 15.0, False),
+    "Q5_1": (lambda x, divisor: _affine(x, divisor, 32), 31.0, False),
+}
+_compiled: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
+
+
+def cxx_available() -> bool:
+    """Whether inductor finds the C++ compiler it builds the graphs with (g++, or $CXX)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return False
+    return True
+
+
+def _graph(name: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    if name not in _compiled:
+        if not cxx_available():
+            raise AthanorError("compile=True (--compile) needs a C++ compiler for torch.compile (g++, or one "
+                               "named by $CXX); install one or quantize without it (same bytes)", field="compile")
+        _compiled[name] = torch.compile(_GRAPHS[name][0], dynamic=False, options=_OPTIONS)
+    return _compiled[name]
+
+
+def quantize_blocks(name: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """Quantize blocks (n, 32) float32 (contiguous) into out (n, type_size) uint8 (contiguous)."""
+    n = blocks.shape[0]
+    if n < MIN_BLOCKS:
+        _legacy(name, blocks, out)
+        return
+    _, divisor, flags_ties = _GRAPHS[name]
+    torch._dynamo.mark_dynamic(blocks, 0)  # one graph for every block count
+    with torch.no_grad():  # grad mode is part of the graph's guards: one mode, one compile
+        parts = _graph(name)(blocks, torch.tensor(divisor))
+    if flags_ties:
+        *parts, total = parts
+    *header, body = parts
+    out16 = out.view(torch.int16)
+    for col, field in enumerate(header):  # fp16 scales as their bits; qh halves cast (wrapping) to 16 bits
+        out16[:, col].copy_(field.view(torch.int16).view(-1) if field.dtype == torch.float16 else field.view(-1))
+    out[:, 2 * len(header):].copy_(body.view(torch.uint8))
+    if flags_ties and torch.count_nonzero(total) < n:
+        tied = (total.view(-1) == 0).nonzero().view(-1)
+        fixed = torch.empty(len(tied), out.shape[1], dtype=torch.uint8)
+        _legacy(name, blocks[tied], fixed)
+        out[tied] = fixed
+
+
+def _legacy(name: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
+    buf, scratch = torch.empty_like(blocks), torch.empty(blocks.shape, dtype=torch.int32)
+    legacy.QUANTIZERS[name](blocks, out, buf, scratch)
