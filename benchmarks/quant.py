@@ -55,7 +55,9 @@ def bench_quantize(rows: int, cols: int, rounds: int) -> None:
     x = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
     xt = torch.from_numpy(x)
     mw = rows * cols / 1e6
-    print(f"\n## quantize throughput, {rows}x{cols} float32 matrix, {torch.get_num_threads()} threads (M weights/s)")
+    print(f"\n## quantize throughput, {rows}x{cols} float32 matrix, M weights/s: athanor on "
+          f"{torch.get_num_threads()} torch thread(s), gguf-py's numpy code on one (it has no threads): "
+          "compare like with like at --threads 1")
     print("(+compile: `quantize(..., compile=True)`, torch.compile'd graphs; its first call, which compiles, "
           "is timed apart)")
     print(f"{'type':8} {'athanor':>10} {'+compile':>10} {'gguf-py':>10} {'ratio':>7} {'ratio+c':>8} {'compile s':>10}")

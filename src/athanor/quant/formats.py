@@ -31,10 +31,6 @@ class QuantType:
     block_size: int
     type_size: int
 
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.type_size / self.block_size
-
 
 # The GGML type table (ids from ggml.h; sizes from the block structs in ggml-common.h).
 TYPES: dict[str, QuantType] = {t.name: t for t in [

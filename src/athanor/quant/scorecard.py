@@ -63,7 +63,8 @@ def _logprobs(model: LlamaModel, windows: torch.Tensor) -> torch.Tensor:
 
 
 def _answers(model: LlamaModel, tok: Tokenizer, n: int) -> tuple[list[str], float]:
-    """Greedy continuations of the prompts and the decode speed (tokens/s, prefill excluded)."""
+    """Greedy continuations of the prompts and the generation speed: new tokens per second of
+    each whole call, the short prompt's prefill included (the same for every type)."""
     texts, tokens, seconds = [], 0, 0.0
     for prompt in ANSWER_PROMPTS:
         ids = [tok.bos_id, *tok.encode(prompt)]
