@@ -149,6 +149,13 @@ def test_cli_export_import_imatrix_and_clear_errors(run_with_text: tuple[Path, P
     assert r.returncode == 0, r.stderr
     back = load_pretrained(tmp_path / "back")
     assert back.config.num_key_value_heads == 2
+    # The imported weights are the file's, dequantized and un-permuted: the same function as the
+    # quantized model read straight from the file.
+    from athanor.quant.gguf import load_gguf
+
+    ids = torch.randint(0, back.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), load_gguf(tmp_path / "m.gguf")(ids), atol=1e-4, rtol=1e-4)
     assert json.loads((tmp_path / "back" / "config.json").read_text())["hidden_size"] == 256
     (tmp_path / "bad.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:1000])
     r = athanor("import", str(tmp_path / "bad.gguf"))
