@@ -18,8 +18,13 @@ from athanor.errors import AthanorError
 
 
 class EpochSampler:
+    """`fit_batch` shrinks the batch to what one epoch holds per rank (a small fine-tuning set
+    still trains); without it, or with fewer examples than ranks, too little data is an error."""
+
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 what: str = "examples") -> None:
+                 what: str = "examples", fit_batch: bool = False) -> None:
+        if fit_batch and n >= world:
+            batch_size = min(batch_size, n // world)
         if n < batch_size * world:
             raise AthanorError(f"only {n} {what}: too few for one step of {batch_size} per rank x {world} "
                                f"rank(s); lower the batch size (or the example length) or add data")

@@ -104,8 +104,8 @@ class DistillStage:
                  batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.x, self.y = train
         self.held_out, self.batch_size = held_out, batch_size
-        self.sampler = EpochSampler(len(self.x), max(1, min(batch_size, len(self.x) // world)), seed, rank, world,
-                                    what="teacher sequences")
+        self.sampler = EpochSampler(len(self.x), batch_size, seed, rank, world, what="teacher sequences",
+                                    fit_batch=True)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(self.sampler.next_indices())

@@ -152,8 +152,7 @@ class SFTStage:
     def __init__(self, rows: dict[str, torch.Tensor], heldout_rows: dict[str, torch.Tensor] | None,
                  batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.rows, self.heldout, self.batch_size = rows, heldout_rows, batch_size
-        n = len(rows["x"])
-        self.sampler = EpochSampler(n, max(1, min(batch_size, n // world)), seed, rank, world, what="packed rows")
+        self.sampler = EpochSampler(len(rows["x"]), batch_size, seed, rank, world, what="packed rows", fit_batch=True)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         idx = torch.from_numpy(self.sampler.next_indices())
