@@ -109,16 +109,28 @@ class FastForward:
         gqa = H != Hkv
         x = F.embedding(input_ids, self.embed)
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            qkv = _linear(F.rms_norm(x, (d,), ln1, self.eps), w_qkv, b_qkv).view(B, T, H + 2 * Hkv, hd)
-            qk = qkv[:, :, :H + Hkv]
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)
-            k, v = cache.update(i, qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2), start_pos)
+            qk, v = self._rotated_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
+            k, v = cache.update(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), start_pos)
             y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=gqa)
             x = x + _linear(y.transpose(1, 2).reshape(B, T, H * hd), w_o, b_o)
-            gate, up = _linear(F.rms_norm(x, (d,), ln2, self.eps), w_gu).chunk(2, -1)
-            x = x + _linear(F.silu(gate) * up, w_down)
+            x = self._mlp(x, ln2, w_gu, w_down)
         return _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
+
+    def _rotated_qkv(self, x: torch.Tensor, ln1: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's inputs from the residual stream x (..., T, d): q|k with RoPE applied,
+        (..., T, heads + kv_heads, head_dim), and v, (..., T, kv_heads, head_dim). Shared by the
+        eager step and the compiled one."""
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        qkv = _linear(F.rms_norm(x, (x.shape[-1],), ln1, self.eps), w_qkv, b_qkv).view(*x.shape[:-1], H + 2 * Hkv, hd)
+        qk = qkv[..., :H + Hkv, :]
+        return torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin), qkv[..., H + Hkv:, :]
+
+    def _mlp(self, x: torch.Tensor, ln2: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the layer's SwiGLU block."""
+        gate, up = _linear(F.rms_norm(x, (x.shape[-1],), ln2, self.eps), w_gu).chunk(2, -1)
+        return x + _linear(F.silu(gate) * up, w_down)
 
     @torch.no_grad()
     def greedy_pair(self, token: torch.Tensor, start_pos: int, cache: KVCache) -> tuple[torch.Tensor, int] | None:
@@ -195,11 +207,10 @@ class FastForward:
         x = F.embedding(ids[0], self.embed)  # (T, d)
         ks, vs = [], []
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            qkv = _linear(F.rms_norm(x, (d,), ln1, self.eps), w_qkv, b_qkv).view(T, H + 2 * Hkv, hd)
-            qk = torch.addcmul(qkv[:, :H + Hkv] * cos, qkv[:, :H + Hkv].roll(hd // 2, -1), sin)
+            qk, v = self._rotated_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
             # Grouped-query attention: the G query heads of a group share one k/v head.
             q = qk[:, :H].view(T, Hkv, G, hd).permute(1, 2, 0, 3) * (1 / math.sqrt(hd))  # (Hkv, G, T, hd)
-            k, v = qk[:, H:].transpose(0, 1)[:, None], qkv[:, H + Hkv:].transpose(0, 1)[:, None]  # (Hkv, 1, T, hd)
+            k, v = qk[:, H:].transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]  # (Hkv, 1, T, hd)
             # Products as multiply-and-sum, which inductor fuses into its own loops: a few query rows
             # against <= 512 keys is too small for a matrix-product call (~30 us each, 8 per step).
             new = _dot(q, k)
@@ -212,8 +223,7 @@ class FastForward:
             ks.append(k[:, 0])
             vs.append(v[:, 0])
             x = x + _linear(y.permute(2, 0, 1, 3).reshape(T, H * hd), w_o, b_o)
-            gate, up = _linear(F.rms_norm(x, (d,), ln2, self.eps), w_gu).chunk(2, -1)
-            x = x + _linear(F.silu(gate) * up, w_down)
+            x = self._mlp(x, ln2, w_gu, w_down)
         logits = _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
         return logits[None], torch.stack(ks)[:, None], torch.stack(vs)[:, None]
 
