@@ -142,15 +142,15 @@ _KQUANT_CHUNK_ELEMENTS = 1 << 14
 
 
 def _quantize_legacy(w2: torch.Tensor, t: QuantType, out: torch.Tensor, compile: bool) -> None:
-    from athanor.quant.legacy import QUANTIZERS
-
-    quant = QUANTIZERS[t.name]
     blocks, out_blocks = w2.contiguous().view(-1, 32), out.view(-1, t.type_size)
     if compile:  # one compiled graph over the whole tensor: no chunks (see compiled.py)
         from athanor.quant.compiled import quantize_blocks
 
         quantize_blocks(t.name, blocks, out_blocks)
         return
+    from athanor.quant.legacy import QUANTIZERS
+
+    quant = QUANTIZERS[t.name]
     step = min(_LEGACY_CHUNK_BLOCKS, blocks.shape[0])
     buf, scratch = torch.empty(step, 32), torch.empty(step, 32, dtype=torch.int32)
     for b in range(0, blocks.shape[0], step):
