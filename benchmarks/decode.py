@@ -5,10 +5,10 @@
 3. speculative (draft + target) vs plain greedy decode, on prompts from the run's held-out split.
 
     python benchmarks/decode.py runs/speedrun            # the draft is runs/speedrun/draft (the speedrun distills it)
-    python benchmarks/decode.py runs/speedrun --compile  # athanor with its compiled batch-1 decode step
+    python benchmarks/decode.py runs/speedrun --compile  # athanor with its compiled decode steps
 
-athanor runs its fast path (serve/fast.py); `--compile` adds the compiled decode step, warmed up
-before the rounds (the cold compile time is printed).
+athanor runs its fast path (serve/fast.py); `--compile` adds its compiled steps (batch 1, all rows
+of a batch, greedy speculative rounds), compiled in a first untimed round (its time is printed).
 
 Rounds alternate the contenders so machine noise falls on both; medians are printed.
 """
@@ -16,6 +16,7 @@ Rounds alternate the contenders so machine noise falls on both; medians are prin
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=SPECULATIVE_K,
                     help=f"draft tokens proposed per target forward (default {SPECULATIVE_K}, as the speedrun)")
     ap.add_argument("--compile", action="store_true",
-                    help="athanor with its compiled (AOTInductor) batch-1 decode steps")
+                    help="athanor with its compiled (AOTInductor) decode steps")
     ap.add_argument("--spec-prompts", type=int, default=8, help="held-out prompts for the speculative comparison")
     args = ap.parse_args()
     if args.threads:
@@ -70,28 +71,30 @@ def main() -> None:
     # The draft is distilled on the target's continuations of training-split prompts: measure it on
     # windows of the held-out split, which neither model saw.
     spec_prompts = held_out_prompts(args.run_dir, args.spec_prompts, tok.bos_id)
-    rows: dict[str, list[float]] = {k: [] for k in ("athanor b1", "hf b1", "athanor 1 stream", "athanor 8 streams",
-                                                    "plain", "speculative", "acceptance", "tokens/round")}
+    rows: dict[str, list[float]] = collections.defaultdict(list)
     engine1, engine8 = (Engine(target, max_batch=b, compile=args.compile) for b in (1, 8))
-    if args.compile:  # compile both models' decode steps outside the timed rounds
-        t = time.perf_counter()
-        speculative_vs_plain(target, draft, spec_prompts[:1], 8, k=args.k, compile=True)
-        print(f"compile (cold, both models' decode steps): {time.perf_counter() - t:.1f} s")
-    for _ in range(args.rounds):
+
+    def one_round() -> dict[str, float]:
         one = engine_run(engine1, prompts[:1], args.tokens)
-        rows["athanor b1"].append(one.decode_tok_s)
-        rows["hf b1"].append(hf_decode_tok_s(hf, prompts[0], args.tokens))
-        rows["athanor 1 stream"].append(one.aggregate_tok_s)
-        rows["athanor 8 streams"].append(engine_run(engine8, prompts[:8], args.tokens).aggregate_tok_s)
+        hf_b1 = hf_decode_tok_s(hf, prompts[0], args.tokens)
+        eight = engine_run(engine8, prompts[:8], args.tokens)
         spec = speculative_vs_plain(target, draft, spec_prompts, args.tokens, k=args.k, compile=args.compile)
         assert spec.identical, "speculative greedy output differs from plain greedy output"
-        rows["plain"].append(spec.plain_tok_s)
-        rows["speculative"].append(spec.speculative_tok_s)
-        rows["acceptance"].append(spec.acceptance)
-        rows["tokens/round"].append(spec.tokens_per_round)
+        return {"athanor b1": one.decode_tok_s, "hf b1": hf_b1, "athanor 1 stream": one.aggregate_tok_s,
+                "athanor 8 streams": eight.aggregate_tok_s, "plain": spec.plain_tok_s,
+                "speculative": spec.speculative_tok_s, "acceptance": spec.acceptance,
+                "tokens/round": spec.tokens_per_round}
+
+    if args.compile:  # a first, untimed round compiles every graph the rounds use
+        t = time.perf_counter()
+        one_round()
+        print(f"compile (cold, every graph of both models) and one round: {time.perf_counter() - t:.1f} s")
+    for _ in range(args.rounds):
+        for key, value in one_round().items():
+            rows[key].append(value)
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"threads {torch.get_num_threads()}, {args.tokens} tokens per stream, {args.rounds} rounds (medians), "
-          f"k={args.k}, {'compiled' if args.compile else 'eager'} decode step")
+          f"k={args.k}, {'compiled' if args.compile else 'eager'} decode steps")
     print(f"batch-1 decode:    athanor {med['athanor b1']:8.0f} tok/s | transformers generate() "
           f"{med['hf b1']:8.0f} tok/s | ratio {med['athanor b1'] / med['hf b1']:.2f}x")
     print(f"concurrency:       8 streams {med['athanor 8 streams']:8.0f} tok/s | 1 stream "

@@ -79,10 +79,9 @@ def test_rebuilt_after_the_weights_change() -> None:
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
 
 
-@pytest.mark.slow  # AOTInductor: ~10 s of export and C++ compilation per graph, 5 graphs
+@pytest.mark.slow  # AOTInductor: ~10 s of export and C++ compilation per graph, 8 graphs
 def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     m = model()
-    draft = model(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
     prompts = [[5, 17, 33, 2, 9], [100, 3], [7] * 12 + [250, 251, 252]]
     params = SamplingParams(max_tokens=30, temperature=0)
     engine = Engine(m, max_batch=1, compile=True)
@@ -127,6 +126,36 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
         for pos in range(ids.shape[1], 24):
             torch.testing.assert_close(engine.fast(step, pos, short), m(step, pos, short_ref), atol=3e-5, rtol=1e-4)
         assert len(engine.fast._runners) == graphs + 1
-    for p in prompts:
-        assert speculative_generate(m, draft, p, 30, k=3, compile=True).output_ids == \
-            speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids
+    # Several streams: one compiled step for all rows, each at its own position; a request that
+    # ends early frees its slot and the others go on (fewer rows, the same graph).
+    batched = Engine(m, max_batch=3, compile=True)
+    budgets = [SamplingParams(max_tokens=n, temperature=0) for n in (30, 9, 30)]
+    got = batched.generate(prompts, budgets)
+    assert any(key[0] == "rows" for key in batched.fast._runners)
+    assert [r.output_ids for r in got] == [r.output_ids for r in Engine(m, max_batch=3, fast=False).generate(
+        prompts, budgets)]
+    with torch.no_grad():  # rows 0 and 2 step; row 1 (a finished request's prefix) stays as it was
+        ref_cache, cache = KVCache(m.config, 3, max_len), KVCache(m.config, 3, max_len)
+        for row, p in enumerate(prompts):
+            m(torch.tensor([p]), 0, ref_cache.select([row]))
+            m(torch.tensor([p]), 0, cache.select([row]))
+        row1 = cache.k[:, 1].clone()
+        logits = batched.fast.decode_rows([11, 12], [len(prompts[0]), len(prompts[2])], [0, 2], cache)
+        for i, (row, tok) in enumerate(((0, 11), (2, 12))):
+            want = m(torch.tensor([[tok]]), len(prompts[row]), ref_cache.select([row]))[0, -1]
+            torch.testing.assert_close(logits[i], want, atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.k[:, [0, 2]], ref_cache.k[:, [0, 2]], atol=3e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.v[:, [0, 2]], ref_cache.v[:, [0, 2]], atol=3e-5, rtol=1e-4)
+        assert torch.equal(cache.k[:, 1], row1)
+    # Speculative rounds as one compiled call each, with a draft that agrees with the target part of
+    # the time (the target's weights, perturbed): accepted runs, rejections, and the last rounds
+    # with fewer than k tokens to go (step by step).
+    draft = model()
+    with torch.no_grad():
+        for w in draft.parameters():
+            w.add_(torch.randn_like(w) * 0.005)
+    results = [speculative_generate(m, draft, p, 30, k=3, compile=True) for p in prompts]
+    assert any(key[0] == "round3" for key in fast_forward(m, compile=True)._runners)
+    assert 0.2 < sum(r.accepted for r in results) / sum(r.proposed for r in results) < 0.95
+    for p, r in zip(prompts, results, strict=True):
+        assert r.output_ids == speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids

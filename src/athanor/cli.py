@@ -125,9 +125,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
                         "on a busy machine)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the batch-1 decode steps ahead of time (torch.export + AOTInductor): "
-                        "~20-30 s on the first request, then faster decoding of single requests "
-                        "(see BENCHMARKS.md)")
+                   help="compile the decode steps ahead of time (torch.export + AOTInductor), for one "
+                        "request and for all active requests at once: ~15 s per step kind on its first use, "
+                        "then 2-4x faster decoding (see BENCHMARKS.md)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--frame-ancestors", default="*",
                    help="CSP frame-ancestors: who may embed the demo page in an iframe "

@@ -105,8 +105,9 @@ class Engine:
                  compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
         `fast` runs the forwards through `FastForward` (fp32 models; built here from the weights
-        as they are now); `compile` adds its compiled batch-1 decode steps (seconds to compile on
-        first use: worth it for a server, not for a short run)."""
+        as they are now); `compile` adds its compiled decode steps, for one request and for all
+        active ones at once (seconds to compile on first use: worth it for a server, not for a
+        short run)."""
         self.model = model.eval()
         self.fast = fast_forward(model, compile) if fast else None
         self._forward = self.fast or self.model
@@ -257,11 +258,9 @@ class Engine:
     def _decode(self, rows: list[int]) -> None:
         t0 = time.perf_counter()
         reqs = [self.slot_req[s] for s in rows]
-        ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
+        tokens = [r.output_ids[-1] for r in reqs]
         lengths = [len(self.slot_tokens[s]) for s in rows]
-        # Rows at one position (always so at batch 1) take the model's cheaper shared-position path.
-        start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
-        pair = self._greedy_pair(reqs[0], ids, start, rows) if len(rows) == 1 else None
+        pair = self._greedy_pair(reqs[0], tokens[0], lengths[0], rows[0]) if len(rows) == 1 else None
         if pair is not None:
             logits, first = pair
             req, s = reqs[0], rows[0]
@@ -275,7 +274,7 @@ class Engine:
                 self._accept(req, logits[0, 1])
                 produced = 2
         else:
-            logits = self._forward(ids, start, self.cache.select(rows))[:, -1]
+            logits = self._step_logits(tokens, lengths, rows)
             for i, (s, req) in enumerate(zip(rows, reqs, strict=True)):
                 self.slot_tokens[s].append(req.output_ids[-1])
                 self._accept(req, logits[i])
@@ -284,15 +283,28 @@ class Engine:
         self.stats.decode_steps += 1
         self.stats.decode_tokens += produced
 
-    def _greedy_pair(self, req: Request, ids: torch.Tensor, start: int, rows: list[int]
-                     ) -> tuple[torch.Tensor, int] | None:
-        """Two greedy tokens from one compiled call (`FastForward.greedy_pair`) for a lone greedy
+    def _step_logits(self, tokens: list[int], lengths: list[int], rows: list[int]) -> torch.Tensor:
+        """One decode step: logits (rows, V) for each slot's token at its position. Several rows go
+        through one compiled call where there is one (`FastForward.decode_rows`), else one forward;
+        rows at one position (always so at batch 1) take the model's cheaper shared-position path."""
+        if self.fast is not None and len(rows) > 1:
+            logits = self.fast.decode_rows(tokens, lengths, rows, self.cache)
+            if logits is not None:
+                return logits
+        ids = torch.tensor([[t] for t in tokens], device=self.device)
+        start = lengths[0] if len(set(lengths)) == 1 else torch.tensor(lengths, device=self.device)
+        return self._forward(ids, start, self.cache.select(rows))[:, -1]
+
+    def _greedy_pair(self, req: Request, token: int, start: int, slot: int) -> tuple[torch.Tensor, int] | None:
+        """Two greedy tokens from one compiled call (`FastForward.greedy_chain`) for a lone greedy
         request that wants at least two more tokens and whose logits nothing reshapes; else None."""
         p = req.params
         if self.fast is None or p.temperature > 0 or p.needs_counts or p.logit_bias \
                 or p.max_tokens - len(req.output_ids) < 2:
             return None
-        return self.fast.greedy_pair(ids, start, self.cache.select(rows))
+        chain = self.fast.greedy_chain(torch.tensor([[token]], device=self.device), start, self.cache.select([slot]),
+                                       steps=2)
+        return None if chain is None else (chain[0], chain[1][0])
 
     # -- a sampled token ----------------------------------------------------------------------
     def _accept(self, req: Request, logits: torch.Tensor) -> None:

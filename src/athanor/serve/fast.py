@@ -11,23 +11,29 @@ operations per layer. This forward computes the same function with ~15:
   (negation is exact, so the rotated term equals the reference's bit for bit);
 - no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
 
-A compiled FastForward (`fast_forward(model, compile=True)`) adds compiled batch-1 steps for new
-tokens after >= 2 cached ones (one token: a decode step; a few: speculative verification and the
-draft catching up), which fuse the
-elementwise work between the matrix products into generated C++ kernels. Two graphs serve every
-position and length: one new token, and a dynamic number of them (2-16). Each reads the cache as a view of
-dynamic length, returns the new keys and values and stores them outside the graph (a graph that
-writes into the cache would copy the whole cache each step), and attends to the new keys by
-themselves: softmax over [q.K_cache, q.K_new], causal within the new ones. The graphs are exported
-(`torch.export`) and compiled ahead of time by AOTInductor, and called through its C++ runner: a
-`torch.compile`d function pays dynamo's guard check and the AOT runtime wrappers in Python on every
-call, which at ~1 ms per token was a quarter of the step (A/B in one process: 1.12 vs 0.83 ms;
-BENCHMARKS.md). For greedy decoding a third graph runs two steps per call, the second fed the
-first's argmax inside the graph (`greedy_pair`): half the calls and Python around them, 4-9 % per
-token in two A/B runs; the engine keeps the second token only if it is the one it picked.
-The price: ~10-15 s of export and C++ compilation per graph in every new process (AOTInductor's
-output is not reused across processes here), and each graph holds its own copy of the weights as
-constants.
+A compiled FastForward (`fast_forward(model, compile=True)`) adds compiled steps for new tokens
+after >= 2 cached ones, which fuse the elementwise work between the matrix products into generated
+C++ kernels:
+- batch 1: one new token (a decode step) and a dynamic number of them (2-16: speculative
+  verification, a prompt's short tail after a reused prefix), one graph each for every position;
+- greedy chains (`greedy_chain`): several decode steps in one call, each fed the previous one's
+  argmax inside the graph; greedy decoding runs two per call (half the calls and the Python
+  around them, 4-9 % per token in two A/B runs; the engine keeps the second token only if it is
+  the one it picked);
+- all rows of an engine's cache at once, each at its own position (`decode_rows`: continuous
+  batching);
+- a whole greedy speculative round (`greedy_round`): a draft's k proposals and this model's
+  verification of them, one call instead of k + 1.
+Each reads the cache as a view of dynamic length, returns the new keys and values and stores them
+outside the graph (a graph that writes into the cache would copy the whole cache each step), and
+attends to the new keys by themselves: softmax over [q.K_cache, q.K_new], causal within the new
+ones. The graphs are exported (`torch.export`) and compiled ahead of time by AOTInductor, and
+called through its C++ runner: a `torch.compile`d function pays dynamo's guard check and the AOT
+runtime wrappers in Python on every call, which at ~1 ms per token was a quarter of the step (A/B
+in one process: 1.12 vs 0.83 ms; BENCHMARKS.md).
+The price: ~10-15 s of export and C++ compilation per graph, on its first use in every new process
+(AOTInductor's output is not reused across processes here), and each graph holds its own copy of
+the weights as constants.
 
 The model keeps its own parameters (names, HF parity and training are untouched); the stacked,
 transposed copies take as much memory again as the model's matrices and are built from the
@@ -40,6 +46,7 @@ import math
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,7 +99,7 @@ class FastForward:
         # Dynamic sizes of 0 or 1 would be specialized (a recompile): short prefixes run eagerly.
         if self.compiled and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
                 and isinstance(cache.rows, slice):
-            return self._compiled_step("one" if T == 1 else "few", input_ids, start_pos, cache)[0]
+            return self._compiled_step("one" if T == 1 else "few", [input_ids], start_pos, cache)[0]
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
         d = self.embed.shape[1]
         mask = None
@@ -133,111 +140,203 @@ class FastForward:
         return x + _linear(F.silu(gate) * up, w_down)
 
     @torch.no_grad()
-    def greedy_pair(self, token: torch.Tensor, start_pos: int, cache: KVCache) -> tuple[torch.Tensor, int] | None:
-        """Two decode steps in one compiled call, the second fed the first's argmax: logits (1, 2, V)
-        for `token` (1, 1) at `start_pos` and for that argmax after it, and the argmax; `cache` receives
-        both positions. None where no compiled graph applies (then decode one step at a time).
-        For greedy decoding: half the calls, and half the Python around them."""
-        if not self.compiled or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - 2 \
-                or not isinstance(cache.rows, slice) or token.shape != (1, 1):
+    def greedy_chain(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache, steps: int
+                     ) -> tuple[torch.Tensor, list[int]] | None:
+        """`steps` greedy decode steps in one compiled call: the first for `input_ids` (1, T) at
+        `start_pos`, each later one fed the previous step's argmax inside the graph. Returns the
+        logits (1, steps, V) of each step's last position and the argmaxes; `cache` receives the
+        keys/values of all T + steps - 1 positions fed. None where no compiled graph applies.
+        Greedy decoding takes two tokens per call: half the calls and the Python around them."""
+        T = input_ids.shape[1]
+        if not self.compiled or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - T - steps + 1 \
+                or not isinstance(cache.rows, slice) or input_ids.shape[0] != 1:
             return None
-        logits, first = self._compiled_step("pair", token, start_pos, cache)
-        return logits, int(first)
+        logits, picks = self._compiled_step(f"chain{T}x{steps}", [input_ids], start_pos, cache)
+        return logits, picks.tolist()
 
-    def _compiled_step(self, graph: str, input_ids: torch.Tensor, start_pos: int, cache: KVCache
+    @torch.no_grad()
+    def greedy_round(self, draft: FastForward, seq: list[int], cache: KVCache, draft_cache: KVCache, k: int
+                     ) -> tuple[list[int], list[int]] | None:
+        """A greedy speculative round (see speculative.py) in one compiled call: `draft` proposes k
+        tokens, fed the last two of `seq` (`_greedy_chain`), and this model scores the last token of
+        `seq` and the k proposals in one step. This model's cache must hold seq[:-1] and the
+        draft's at least seq[:-2]; both receive the keys/values of the positions fed. Returns the
+        proposals and this model's argmax at each of the k + 1 positions; None where no compiled
+        graph applies. One call instead of k + 1 and the Python between them: 0.2-0.3 ms of a
+        ~2.2 ms round of the speedrun's pair."""
+        S = len(seq)
+        if not (self.compiled and draft.compiled) or S < 4 or S + k > min(self.max_pos, cache.max_len) \
+                or S + k > min(draft.max_pos, draft_cache.max_len) \
+                or not isinstance(cache.rows, slice) or not isinstance(draft_cache.rows, slice):
+            return None
+        device = cache.k.device
+        args = [torch.tensor([seq[-2:]], device=device), torch.tensor([seq[-1:]], device=device),
+                *_views(draft_cache, S - 2), *_views(cache, S - 1)]
+        dims = (draft._cache_dims("draft_cached", draft_cache.max_len), self._cache_dims("cached", cache.max_len))
+        picks, best, dk, dv, k_new, v_new = self._runner(f"round{k}", args, lambda: ({}, {}, *dims[0], *dims[1]),
+                                                         draft).run(args)
+        _store(draft_cache, S - 2, dk, dv)
+        _store(cache, S - 1, k_new, v_new)
+        return picks.tolist(), best.tolist()
+
+    @torch.no_grad()
+    def decode_rows(self, tokens: list[int], positions: list[int], rows: list[int], cache: KVCache
+                    ) -> torch.Tensor | None:
+        """One decode step for the requests in cache rows `rows` (of a whole cache, not a view), each
+        feeding its token in `tokens` at its own position: logits (len(rows), V), and the cache rows
+        receive the keys/values. The compiled graph runs every row of the cache (rows not asked for
+        feed token 0 at position 0, and their results are dropped, their cache left as it is): one
+        graph with static shapes serves any set of active rows, and a decode step of this size
+        costs about the same for 8 rows as for 2. None where no compiled graph applies."""
+        B = cache.k.shape[1]
+        L = max(positions)
+        if not self.compiled or len(rows) < 2 or cache.rows != slice(None) or not 2 <= L < cache.max_len \
+                or L >= self.max_pos:
+            return None
+        ids, lengths = [0] * B, [0] * B
+        for r, t, n in zip(rows, tokens, positions, strict=True):
+            ids[r], lengths[r] = t, n
+        device = cache.k.device
+        args = [torch.tensor(ids, device=device)[:, None], torch.tensor(lengths, device=device), *_views(cache, L)]
+        dims = self._cache_dims("cached", cache.max_len)
+        logits, k, v = self._runner("rows", args, lambda: ({}, {}, *dims)).run(args)
+        r, n = torch.tensor(rows, device=device), args[1][rows]
+        # Advanced indices on the batch and time axes put the rows first: (rows, layers, kv_heads, head_dim).
+        cache.k[:, r, :, n] = k[:, r, :, 0].transpose(0, 1)
+        cache.v[:, r, :, n] = v[:, r, :, 0].transpose(0, 1)
+        return logits[r, 0]
+
+    def _compiled_step(self, graph: str, inputs: list[torch.Tensor], start_pos: int, cache: KVCache
                        ) -> list[torch.Tensor]:
-        kc, vc = cache.k[:, cache.rows, :, :start_pos], cache.v[:, cache.rows, :, :start_pos]
-        args = [input_ids, kc, vc]  # the graph reads its position off the cache views' length
-        key = (graph, kc.stride())
-        runner = self._runners.get(key) or self._build(key, args, cache.max_len)
-        # The loader's own entry point: AOTICompiledModel.__call__ would re-parse its pytree specs
-        # on every call (~60 us of a ~0.9 ms step).
-        *out, k, v = runner.run(args)
-        end = start_pos + k.shape[3]
-        cache.k[:, cache.rows, :, start_pos:end] = k
-        cache.v[:, cache.rows, :, start_pos:end] = v
+        """Run a batch-1 graph on `inputs` after the cached positions [0, start_pos) of `cache`'s
+        row, and store the new keys/values it returns; its other outputs."""
+        args = [*inputs, *_views(cache, start_pos)]  # the graph reads its position off the views' length
+        dims = self._cache_dims("cached", cache.max_len)
+        new = {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)} if graph == "few" else {}
+        *out, k, v = self._runner(graph, args, lambda: (new, *dims)).run(args)
+        _store(cache, start_pos, k, v)
         return out
 
-    def _build(self, key: tuple[str, tuple[int, ...]], args: list[torch.Tensor], max_len: int
-               ) -> torch._C._aoti.AOTIModelPackageLoader:
-        """Export `_decode_step` for one new token (static shapes), 2..COMPILED_MAX_NEW of them, or
-        `_greedy_pair`, with the cache length dynamic (below the cache's `max_len`: a view of all of
-        it would be contiguous, a case the graph would otherwise branch on), and compile it with
-        AOTInductor."""
-        t = time.perf_counter()
-        cached = torch.export.Dim("cached", min=2, max=min(self.max_pos, max_len) - 1)
-        new = {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)} if key[0] == "few" else {}
-        with torch.no_grad():
-            program = torch.export.export(_Step(self, key[0] == "pair"), tuple(args),
-                                          dynamic_shapes=(new, {3: cached}, {3: cached}))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
-            runner = torch._inductor.aoti_load_package(path).loader
-        self._runners[key] = runner
-        self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t
-        return runner
+    def _cache_dims(self, name: str, max_len: int) -> tuple[dict[int, torch.export.Dim], ...]:
+        """The dynamic length of a cache's key and value views: below the cache's `max_len` (a view
+        of all of it would be contiguous, a case the graph would otherwise branch on)."""
+        length = torch.export.Dim(name, min=2, max=min(self.max_pos, max_len) - 1)
+        return {3: length}, {3: length}
 
-    def _greedy_pair(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`_decode_step` for one token, then again for its logits' argmax, whose step attends to the
-        first step's keys/values as well. Returns the logits (1, 2, V), the argmax (1,) and the keys
-        and values of both positions."""
+    def _runner(self, graph: str, args: list[torch.Tensor], dynamic: Callable[[], tuple],
+                draft: FastForward | None = None) -> torch._C._aoti.AOTIModelPackageLoader:
+        """The compiled graph for `args`, built on first use; keyed by the graph, the strides of the
+        cache views (the generated code takes them as fixed) and the draft it runs, if any. Callers
+        use the loader's own `run`: AOTICompiledModel.__call__ would re-parse its pytree specs on
+        every call (~60 us of a ~0.9 ms step)."""
+        key = (graph, tuple(a.stride() for a in args if a.dim() == 5), draft)
+        if key not in self._runners:
+            t = time.perf_counter()
+            with torch.no_grad():  # forward(*args): its dynamic shapes are one tuple
+                program = torch.export.export(_Step(self, graph, draft), tuple(args), dynamic_shapes=(dynamic(),))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "step.pt2"))
+                self._runners[key] = torch._inductor.aoti_load_package(path).loader
+            self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - t
+        return self._runners[key]
+
+    def _greedy_chain(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, steps: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_decode_step` for `ids`, then `steps - 1` times for the previous step's argmax, each
+        attending to the keys/values of the steps before it. Returns each step's last logits
+        (1, steps, V), the argmaxes (steps,) and the keys/values of all positions fed."""
         logits, k, v = self._decode_step(ids, kc, vc)
-        first = logits[0, 0].argmax()
-        logits2, k2, v2 = self._decode_step(first.view(1, 1), kc, vc, (k, v))
-        return torch.cat([logits, logits2], 1), first.view(1), torch.cat([k, k2], 3), torch.cat([v, v2], 3)
+        last, picks = [logits[:, -1]], [logits[0, -1].argmax()]
+        for _ in range(steps - 1):
+            logits, k2, v2 = self._decode_step(picks[-1].view(1, 1), kc, vc, earlier=(k, v))
+            k, v = torch.cat([k, k2], 3), torch.cat([v, v2], 3)
+            last.append(logits[:, -1])
+            picks.append(logits[0, -1].argmax())
+        return torch.stack(last, 1), torch.stack(picks), k, v
 
-    def _decode_step(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+    def _decode_step(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, lengths: torch.Tensor | None = None,
                      earlier: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """T new tokens (ids (1, T)) after cached keys/values kc, vc (layers, 1, kv_heads, L, head_dim),
-        read only, and the keys/values `earlier` of positions right after them that are not in the
-        cache yet (the same layout): the new tokens sit at positions L + E .. L + E + T - 1.
-        Returns the logits (1, T, V) and the new keys/values (layers, 1, kv_heads, T, head_dim)."""
+        """T new tokens per row (ids (B, T)) after cached keys/values kc, vc (layers, B, kv_heads, L,
+        head_dim), read only, and the keys/values `earlier` of positions right after them that are
+        not in the cache yet (the same layout): the new tokens sit at positions L + E .. L + E + T - 1,
+        or, given per-row `lengths` (B,), row b's at lengths[b] .. and it sees only its first
+        lengths[b] cached keys. Returns the logits (B, T, V) and the new keys/values
+        (layers, B, kv_heads, T, head_dim)."""
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
-        G, T, d = H // Hkv, ids.shape[1], self.embed.shape[1]
+        (B, T), G, d = ids.shape, H // Hkv, self.embed.shape[1]
         keys, values = ([kc], [vc]) if earlier is None else ([kc, earlier[0]], [vc, earlier[1]])
         L = sum(k.shape[3] for k in keys)
         # Gathered rather than sliced: a slice would end at min(L + T, max_pos), a bound that export
         # would have to prove for every L and T.
-        positions = torch.arange(T, device=ids.device) + L
-        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # (T, 1, hd)
-        # New token i sees the cache and new tokens j <= i.
+        positions = torch.arange(T, device=ids.device) + (L if lengths is None else lengths[:, None])
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, 1, hd), or per row (B, T, 1, hd)
+        # New token i sees the cached keys (a row's first lengths[b]) and new tokens j <= i.
         future = torch.ones(T, T, dtype=torch.bool, device=ids.device).triu(1) if T > 1 else None
-        x = F.embedding(ids[0], self.embed)  # (T, d)
+        unwritten = None if lengths is None else \
+            (torch.arange(kc.shape[3], device=ids.device) >= lengths[:, None])[:, None, None, None]
+        x = F.embedding(ids, self.embed)  # (B, T, d)
         ks, vs = [], []
         for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
             qk, v = self._rotated_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
             # Grouped-query attention: the G query heads of a group share one k/v head.
-            q = qk[:, :H].view(T, Hkv, G, hd).permute(1, 2, 0, 3) * (1 / math.sqrt(hd))  # (Hkv, G, T, hd)
-            k, v = qk[:, H:].transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]  # (Hkv, 1, T, hd)
+            q = qk[:, :, :H].view(B, T, Hkv, G, hd).permute(0, 2, 3, 1, 4) * (1 / math.sqrt(hd))  # (B, Hkv, G, T, hd)
+            k, v = qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
             # Products as multiply-and-sum, which inductor fuses into its own loops: a few query rows
             # against <= 512 keys is too small for a matrix-product call (~30 us each, 8 per step).
-            new = _dot(q, k)
+            new = _dot(q, k[:, :, None])
             if future is not None:
                 new = new.masked_fill(future, float("-inf"))
-            p = torch.cat([*(_dot(q, kk[i, 0, :, None]) for kk in keys), new], -1).softmax(-1)
-            y, at = _mix(p[..., L:], v), 0  # (Hkv, G, T, hd)
+            old = [_dot(q, kk[i][:, :, None]) for kk in keys]
+            if unwritten is not None:
+                old[0] = old[0].masked_fill(unwritten, float("-inf"))
+            p = torch.cat([*old, new], -1).softmax(-1)
+            y, at = _mix(p[..., L:], v[:, :, None]), 0  # (B, Hkv, G, T, hd)
             for kk, vv in zip(keys, values, strict=True):
-                y, at = y + _mix(p[..., at:at + kk.shape[3]], vv[i, 0, :, None]), at + kk.shape[3]
-            ks.append(k[:, 0])
-            vs.append(v[:, 0])
-            x = x + _linear(y.permute(2, 0, 1, 3).reshape(T, H * hd), w_o, b_o)
+                y, at = y + _mix(p[..., at:at + kk.shape[3]], vv[i][:, :, None]), at + kk.shape[3]
+            ks.append(k)
+            vs.append(v)
+            x = x + _linear(y.permute(0, 3, 1, 2, 4).reshape(B, T, H * hd), w_o, b_o)
             x = self._mlp(x, ln2, w_gu, w_down)
         logits = _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
-        return logits[None], torch.stack(ks)[:, None], torch.stack(vs)[:, None]
+        return logits, torch.stack(ks), torch.stack(vs)
 
 
 class _Step(torch.nn.Module):
-    """`FastForward._decode_step` (or `_greedy_pair`) as a module, for `torch.export` (its weights
-    become the program's constants)."""
+    """A compiled graph as a module, for `torch.export` (its weights become the program's
+    constants): "one" or "few" new tokens (`_decode_step`), "chain{T}x{steps}" (`_greedy_chain`),
+    "rows" (`_decode_step` with per-row positions, whose lengths come before the cache), or
+    "round{k}" (`greedy_round`: the draft's chain, then this model's step over its proposals)."""
 
-    def __init__(self, fast: FastForward, pair: bool = False) -> None:
+    def __init__(self, fast: FastForward, graph: str, draft: FastForward | None = None) -> None:
         super().__init__()
-        self.fast, self.pair = fast, pair
+        self.fast, self.graph, self.draft = fast, graph, draft
 
-    def forward(self, ids: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.fast._greedy_pair(ids, kc, vc) if self.pair else self.fast._decode_step(ids, kc, vc)
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.graph.startswith("chain"):
+            return self.fast._greedy_chain(*args, steps=int(self.graph.split("x")[1]))
+        if self.graph == "rows":
+            ids, lengths, kc, vc = args
+            return self.fast._decode_step(ids, kc, vc, lengths)
+        if self.graph.startswith("round"):
+            draft_ids, last, dkc, dvc, kc, vc = args
+            k = int(self.graph[len("round"):])
+            _, picks, dk, dv = self.draft._greedy_chain(draft_ids, dkc, dvc, k)
+            logits, k_new, v_new = self.fast._decode_step(torch.cat([last, picks.view(1, k)], 1), kc, vc)
+            return picks, logits[0].argmax(-1), dk, dv, k_new, v_new
+        return self.fast._decode_step(*args)
+
+
+def _views(cache: KVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of `cache`'s rows at positions [0, length): views, no copies."""
+    return cache.k[:, cache.rows, :, :length], cache.v[:, cache.rows, :, :length]
+
+
+def _store(cache: KVCache, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write a graph's new keys/values (layers, rows, kv_heads, T, head_dim) at positions start.. of
+    `cache`'s rows: outside the graph, which would otherwise copy the whole cache each step."""
+    cache.k[:, cache.rows, :, start:start + k.shape[3]] = k
+    cache.v[:, cache.rows, :, start:start + k.shape[3]] = v
 
 
 def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

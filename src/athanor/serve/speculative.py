@@ -20,7 +20,7 @@ import torch
 
 from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
-from athanor.serve.fast import fast_forward
+from athanor.serve.fast import FastForward, fast_forward
 from athanor.serve.sampling import greedy_ids, shape_logits
 
 
@@ -66,7 +66,8 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
                          compile: bool = False) -> SpeculativeResult:
     """Generate after `prompt_ids` with the draft proposing `k` tokens per target forward.
     `fast` runs both models through `FastForward` (see fast.py) where it applies, `compile` with
-    its compiled decode step (the draft's proposals are batch-1 decode steps)."""
+    its compiled steps: at temperature 0 each round (the draft's k proposals and the target's
+    verification) is one compiled call."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise AthanorError("the draft and target models must share a vocabulary (the same tokenizer)")
     started = time.perf_counter()
@@ -91,23 +92,41 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
         done[m] += len(new)
         return logits[-(len(tokens) + 1):]
 
+    def greedy_round() -> tuple[list[int], list[int]] | None:
+        """A whole greedy round in one compiled call (`FastForward.greedy_round`): the proposals and
+        the target's argmax at each position; None where that does not apply."""
+        if not all(isinstance(m, FastForward) and m.compiled for m in models):
+            return None
+        for m, cached in ((0, len(seq) - 1), (1, len(seq) - 2)):  # the prompt, on the first round
+            if done[m] < cached and cached >= 2:
+                models[m](torch.tensor([seq[done[m]:cached]], device=device), done[m], caches[m])
+                done[m] = cached
+        fused = models[0].greedy_round(models[1], seq, caches[0], caches[1], k)
+        if fused is not None:
+            done[1] = len(seq) + k - 1  # the two tokens fed, and every proposal but the last
+        return fused
+
+    greedy = temperature <= 0
     while len(out) < max_tokens:
         n = min(k, max_tokens - len(out) - 1, limit - len(seq) - 1)
-        proposal, q = [], []
-        greedy = temperature <= 0
-        for _ in range(n):
-            logits = run(1, proposal[-1:])[-1]
-            if greedy:
-                proposal.append(greedy_ids(logits))
-            else:
-                q.append(_probs(logits[None], temperature, top_k, top_p)[0])
-                proposal.append(int(torch.multinomial(q[-1], 1, generator=gen)))
         before = len(seq)
-        logits = run(0, proposal)
+        fused = greedy_round() if greedy and n == k else None
+        if fused is not None:
+            proposal, best = fused
+        else:
+            proposal, q = [], []
+            for _ in range(n):
+                logits = run(1, proposal[-1:])[-1]
+                if greedy:
+                    proposal.append(greedy_ids(logits))
+                else:
+                    q.append(_probs(logits[None], temperature, top_k, top_p)[0])
+                    proposal.append(int(torch.multinomial(q[-1], 1, generator=gen)))
+            logits = run(0, proposal)
         if greedy:
             # Rejection sampling with one-hot p and q accepts exactly while the draft token is the
             # target's argmax, and then emits that argmax: compare the ids, skip the distributions.
-            best = greedy_ids(logits)
+            best = best if fused is not None else greedy_ids(logits)
             n_ok = next((i for i, (x, b) in enumerate(zip(proposal, best, strict=False)) if x != b), n)
             nxt = best[n_ok]
         else:
