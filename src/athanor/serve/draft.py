@@ -6,9 +6,9 @@ speedrun's 4.2M target agreed with its greedy choice 64% of the time, in short r
 round at k=1). Trained for about the same time on the target's own greedy continuations of
 training-split prompts (sequence-level knowledge distillation, Kim & Rush, 2016; DistillSpec's
 teacher-generated data), a 0.72M one-layer draft agrees on 87-88% of held-out continuation tokens
-after 300 steps on 1,024 continuations, and on 90% after 500 steps on 2,048 (the defaults: ~1.5 min
-on 2 cores), giving 3.2-3.5 tokens per target forward at k=3 and 3.75 at k=4 on held-out prompts
-(BENCHMARKS.md).
+after 300 steps on 1,024 continuations, on 90% after 500 steps on 2,048, and on 91% after 1,000
+steps on 2,048 (the speedrun's setting: ~2 min on 2 cores), giving 3.2-3.5 tokens per target
+forward at k=3, 3.75 and then 3.97 at k=4 on held-out prompts (BENCHMARKS.md).
 
 The data: random windows of the training split (after BOS) as prompts, each continued greedily by
 the target, all of them through the batched engine. The loss: cross-entropy on the continuation
