@@ -82,9 +82,9 @@ class FastForward:
             self.head = _t(model.lm_head.weight)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
         self.compiled = compiled
-        # AOTInductor runners by (graph: "one" new token, a "few", a greedy "pair"; the cache views'
-        # strides): the strides depend on the cache's max_len, which the generated code takes as fixed.
-        self._runners: dict[tuple[str, tuple[int, ...]], torch._C._aoti.AOTIModelPackageLoader] = {}
+        # AOTInductor runners by (graph, see `_Step`; the cache views' strides, which depend on the
+        # cache's shape and the generated code takes as fixed; the draft of a round graph).
+        self._runners: dict[tuple, torch._C._aoti.AOTIModelPackageLoader] = {}
         self.compile_seconds: float | None = None  # exporting and compiling the graphs, all together
 
     @torch.no_grad()
@@ -231,6 +231,8 @@ class FastForward:
         every call (~60 us of a ~0.9 ms step)."""
         key = (graph, tuple(a.stride() for a in args if a.dim() == 5), draft)
         if key not in self._runners:
+            # Round graphs hold a draft's weights: keep those of one draft only (the newest).
+            self._runners = {k: r for k, r in self._runners.items() if k[2] is None or k[2] is draft}
             t = time.perf_counter()
             with torch.no_grad():  # forward(*args): its dynamic shapes are one tuple
                 program = torch.export.export(_Step(self, graph, draft), tuple(args), dynamic_shapes=(dynamic(),))
