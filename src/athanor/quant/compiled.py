@@ -1,12 +1,16 @@
 """The legacy block types quantized by `torch.compile`d graphs: opt-in, bit-exact, 2-3x eager.
 
 `legacy.py` spends most of its time in per-op overhead and in re-reading the weights once per
-eager op. Here each type is one graph that inductor turns into a C++ loop nest (OpenMP over
-blocks, AVX vectors within a block): per block, its statistics and then its codes, the block
-still in L1 for the second read; the outputs come back as the packed code bytes plus one column
-per 16-bit header field, and strided copies put them into the GGML blocks. (Returned apart,
-not concatenated in the graph: inductor's CPU concatenation of bytes falls back to an eager op,
-and fusing the header into the loop nest measured 2x slower.)
+eager op. Here each type is one graph that inductor turns into one C++ kernel of three loops
+over the blocks (OpenMP across blocks when torch has threads): the block statistics (AVX
+vectors within a block, then a horizontal reduction), d and 1/d (vectors across 16 blocks), and
+the codes, packed, with Q5's high bits (vectors within a block). Inductor would also fuse the
+three into one loop (it does when no output is computed across blocks), which measured 2x
+slower: each block then waits on its own reductions and divisions, where separate loops overlap
+independent blocks. The outputs come back as the packed code bytes plus one column per 16-bit
+header field, and strided copies put them into the GGML blocks. (Returned apart, not
+concatenated in the graph: inductor's CPU concatenation of bytes falls back to an eager op, and
+an int16 concatenation writes the header with strided scalar stores, which merges the loops.)
 
 Bit-exactness with ggml's reference (`quantize_row_*_ref`, and `gguf.quants`) rests on:
 - every float step being the reference's own float32 operation, in its order: inductor on CPU
