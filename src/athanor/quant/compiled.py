@@ -64,8 +64,8 @@ def _nibbles_and_high_bits(code: Callable[[torch.Tensor], torch.Tensor], x: torc
     The codes are computed per half straight from x (no (n, 32) code tensor to re-read). The
     bits are gathered by a float sum of distinct powers of two below 2**16, exact in any order:
     inductor's vectorized horizontal sum exists for floats, its integer one is a scalar loop.
-    The sums also add the packed bytes times zero: reading them makes the sums consumers of the
-    packed codes, so inductor computes them in the loop over the blocks that packs the codes,
+    A clear bit contributes the packed byte times zero, not a constant zero: reading the packed
+    codes makes the sums their consumers, so inductor computes them in the loop that packs them,
     from codes still in registers. Without that read it stored the codes 16..31 as an (n, 16)
     int32 tensor (16 MiB for 8M weights) and summed them in a loop of its own: Q5_0 and Q5_1
     were ~15-20% slower (measured, one thread).
@@ -76,6 +76,8 @@ def _nibbles_and_high_bits(code: Callable[[torch.Tensor], torch.Tensor], x: torc
         return (packed,)
     powers = (1 << torch.arange(16, dtype=torch.int32, device=x.device)).to(torch.float32)
     zero = packed.to(torch.float32) * 0.0
+    # bit 4 of the integer code, as the reference's int8 has it even for a negative code (a
+    # subnormal d rounded down), where testing the float (v >= 16) would clear it
     qh = [torch.where((c & 16) != 0, powers, zero).sum(1, keepdim=True).to(torch.int32) for c in (lo, hi)]
     return (*qh, packed)
 
