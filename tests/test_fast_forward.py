@@ -79,7 +79,7 @@ def test_rebuilt_after_the_weights_change() -> None:
     assert fast_forward(m.to(torch.bfloat16)) is None  # the reference normalizes in fp32: no fast path
 
 
-@pytest.mark.slow  # AOTInductor: ~10 s of export and C++ compilation per graph, 8 graphs
+@pytest.mark.slow  # AOTInductor: ~10 s of export and C++ compilation per graph, about ten graphs
 def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     m = model()
     prompts = [[5, 17, 33, 2, 9], [100, 3], [7] * 12 + [250, 251, 252]]
@@ -127,9 +127,10 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
             torch.testing.assert_close(engine.fast(step, pos, short), m(step, pos, short_ref), atol=3e-5, rtol=1e-4)
         assert len(engine.fast._runners) == graphs + 1
     # Several streams: one compiled step for all rows, each at its own position; a request that
-    # ends early frees its slot and the others go on (fewer rows, the same graph).
+    # ends early frees its slot and the others go on (fewer rows, the same graph) up to the end of
+    # the context.
     batched = Engine(m, max_batch=3, compile=True)
-    budgets = [SamplingParams(max_tokens=n, temperature=0) for n in (30, 9, 30)]
+    budgets = [SamplingParams(max_tokens=n, temperature=0) for n in (200, 9, 200)]
     got = batched.generate(prompts, budgets)
     assert any(key[0] == "rows" for key in batched.fast._runners)
     assert [r.output_ids for r in got] == [r.output_ids for r in Engine(m, max_batch=3, fast=False).generate(
@@ -154,8 +155,20 @@ def test_compiled_decode_step_matches_the_eager_tokens() -> None:
     with torch.no_grad():
         for w in draft.parameters():
             w.add_(torch.randn_like(w) * 0.005)
-    results = [speculative_generate(m, draft, p, 30, k=3, compile=True) for p in prompts]
-    assert any(key[0] == "round3" for key in fast_forward(m, compile=True)._runners)
+    budgets = (30, 30, 200)  # the last one up to the end of the context
+    results = [speculative_generate(m, draft, p, n, k=3, compile=True) for p, n in zip(prompts, budgets, strict=True)]
+    target_ff = fast_forward(m, compile=True)
+    assert any(key[0] == "round3" for key in target_ff._runners)
     assert 0.2 < sum(r.accepted for r in results) / sum(r.proposed for r in results) < 0.95
-    for p, r in zip(prompts, results, strict=True):
-        assert r.output_ids == speculative_generate(m, draft, p, 30, k=3, fast=False).output_ids
+    for p, r, n in zip(prompts, results, budgets, strict=True):
+        assert r.output_ids == speculative_generate(m, draft, p, n, k=3, fast=False).output_ids
+    # A graph built later for another cache keeps the round graph: no compiling on the next round.
+    with torch.no_grad():
+        other = KVCache(m.config, 1, 20)
+        target_ff(torch.tensor([prompts[0]]), 0, other)
+        before = target_ff.compile_seconds
+        target_ff(torch.tensor([[4]]), len(prompts[0]), other)
+        assert target_ff.compile_seconds > before
+    before = target_ff.compile_seconds
+    speculative_generate(m, draft, prompts[0], 20, k=3, compile=True)
+    assert target_ff.compile_seconds == before

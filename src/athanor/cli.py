@@ -126,8 +126,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "on a busy machine)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode steps ahead of time (torch.export + AOTInductor), for one "
-                        "request and for all active requests at once: ~15 s per step kind on its first use, "
-                        "then 2-4x faster decoding (see BENCHMARKS.md)")
+                        "request and for all active requests at once: ~10-25 s per step kind on its first "
+                        "use, then ~1.7x the default's decode rate (see BENCHMARKS.md)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--frame-ancestors", default="*",
                    help="CSP frame-ancestors: who may embed the demo page in an iframe "

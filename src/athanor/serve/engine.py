@@ -287,7 +287,7 @@ class Engine:
         """One decode step: logits (rows, V) for each slot's token at its position. Several rows go
         through one compiled call where there is one (`FastForward.decode_rows`), else one forward;
         rows at one position (always so at batch 1) take the model's cheaper shared-position path."""
-        if self.fast is not None and len(rows) > 1:
+        if self.fast is not None:
             logits = self.fast.decode_rows(tokens, lengths, rows, self.cache)
             if logits is not None:
                 return logits
@@ -302,8 +302,7 @@ class Engine:
         if self.fast is None or p.temperature > 0 or p.needs_counts or p.logit_bias \
                 or p.max_tokens - len(req.output_ids) < 2:
             return None
-        chain = self.fast.greedy_chain(torch.tensor([[token]], device=self.device), start, self.cache.select([slot]),
-                                       steps=2)
+        chain = self.fast.greedy_chain(token, start, self.cache.select([slot]), steps=2)
         return None if chain is None else (chain[0], chain[1][0])
 
     # -- a sampled token ----------------------------------------------------------------------

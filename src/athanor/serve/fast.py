@@ -31,7 +31,7 @@ ones. The graphs are exported (`torch.export`) and compiled ahead of time by AOT
 called through its C++ runner: a `torch.compile`d function pays dynamo's guard check and the AOT
 runtime wrappers in Python on every call, which at ~1 ms per token was a quarter of the step (A/B
 in one process: 1.12 vs 0.83 ms; BENCHMARKS.md).
-The price: ~10-15 s of export and C++ compilation per graph, on its first use in every new process
+The price: ~10-25 s of export and C++ compilation per graph, on its first use in every new process
 (AOTInductor's output is not reused across processes here), and each graph holds its own copy of
 the weights as constants.
 
@@ -140,18 +140,18 @@ class FastForward:
         return x + _linear(F.silu(gate) * up, w_down)
 
     @torch.no_grad()
-    def greedy_chain(self, input_ids: torch.Tensor, start_pos: int, cache: KVCache, steps: int
+    def greedy_chain(self, token: int, start_pos: int, cache: KVCache, steps: int
                      ) -> tuple[torch.Tensor, list[int]] | None:
-        """`steps` greedy decode steps in one compiled call: the first for `input_ids` (1, T) at
-        `start_pos`, each later one fed the previous step's argmax inside the graph. Returns the
-        logits (1, steps, V) of each step's last position and the argmaxes; `cache` receives the
-        keys/values of all T + steps - 1 positions fed. None where no compiled graph applies.
-        Greedy decoding takes two tokens per call: half the calls and the Python around them."""
-        T = input_ids.shape[1]
-        if not self.compiled or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - T - steps + 1 \
-                or not isinstance(cache.rows, slice) or input_ids.shape[0] != 1:
+        """`steps` greedy decode steps in one compiled call: the first for `token` at `start_pos`,
+        each later one fed the previous step's argmax inside the graph. Returns each step's logits
+        (1, steps, V) and the argmaxes; `cache` (one row) receives the keys/values of the `steps`
+        positions fed. None where no compiled graph applies. Greedy decoding takes two tokens per
+        call: half the calls and the Python around them."""
+        if not self.compiled or not 2 <= start_pos <= min(self.max_pos, cache.max_len) - steps \
+                or not isinstance(cache.rows, slice) or len(range(cache.k.shape[1])[cache.rows]) != 1:
             return None
-        logits, picks = self._compiled_step(f"chain{T}x{steps}", [input_ids], start_pos, cache)
+        ids = torch.tensor([[token]], device=cache.k.device)
+        logits, picks = self._compiled_step(f"chain{steps}", [ids], start_pos, cache)
         return logits, picks.tolist()
 
     @torch.no_grad()
@@ -231,8 +231,8 @@ class FastForward:
         every call (~60 us of a ~0.9 ms step)."""
         key = (graph, tuple(a.stride() for a in args if a.dim() == 5), draft)
         if key not in self._runners:
-            # Round graphs hold a draft's weights: keep those of one draft only (the newest).
-            self._runners = {k: r for k, r in self._runners.items() if k[2] is None or k[2] is draft}
+            if draft is not None:  # round graphs hold a draft's weights: keep those of the newest draft only
+                self._runners = {k: r for k, r in self._runners.items() if k[2] is None or k[2] is draft}
             t = time.perf_counter()
             with torch.no_grad():  # forward(*args): its dynamic shapes are one tuple
                 program = torch.export.export(_Step(self, graph, draft), tuple(args), dynamic_shapes=(dynamic(),))
@@ -306,7 +306,7 @@ class FastForward:
 
 class _Step(torch.nn.Module):
     """A compiled graph as a module, for `torch.export` (its weights become the program's
-    constants): "one" or "few" new tokens (`_decode_step`), "chain{T}x{steps}" (`_greedy_chain`),
+    constants): "one" or "few" new tokens (`_decode_step`), "chain{steps}" (`_greedy_chain`),
     "rows" (`_decode_step` with per-row positions, whose lengths come before the cache), or
     "round{k}" (`greedy_round`: the draft's chain, then this model's step over its proposals)."""
 
@@ -316,7 +316,7 @@ class _Step(torch.nn.Module):
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.graph.startswith("chain"):
-            return self.fast._greedy_chain(*args, steps=int(self.graph.split("x")[1]))
+            return self.fast._greedy_chain(*args, steps=int(self.graph[len("chain"):]))
         if self.graph == "rows":
             ids, lengths, kc, vc = args
             return self.fast._decode_step(ids, kc, vc, lengths)
@@ -376,9 +376,9 @@ def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None
     storage moved) or modified in place (its version counter: an optimizer step or `load_state_dict`
     bumps it); None for a model that is not fp32, whose reference forward normalizes in fp32 and
     casts back.
-    `compile` gives the one whose batch-1 steps after a cached prefix run through compiled graphs
-    (each compiled on first use: ~10-15 s per graph on this CPU, in every new process); the eager
-    one stays eager for other callers."""
+    `compile` gives the one with compiled steps after a cached prefix (one request, all rows of an
+    engine's cache, greedy chains and speculative rounds; each compiled on first use: ~10-25 s per
+    graph on this CPU, in every new process); the eager one stays eager for other callers."""
     if next(model.parameters()).dtype != torch.float32:
         return None
     versions = [(p.data_ptr(), p._version) for p in model.parameters()]

@@ -53,7 +53,7 @@ class SpeculativeRun:
 def speculative_vs_plain(target: LlamaModel, draft: LlamaModel, prompts: Sequence[Sequence[int]], max_tokens: int,
                          k: int = 4, compile: bool = False) -> SpeculativeRun:
     """Greedy generation of each prompt alone: the plain engine vs the draft/target pair, both with
-    or both without the compiled decode step."""
+    or both without compiled steps."""
     engine = Engine(target, max_batch=1, compile=compile)
     plain_tokens = spec_tokens = proposed = accepted = rounds = 0
     plain_s = spec_s = 0.0

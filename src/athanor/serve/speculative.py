@@ -66,8 +66,9 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
                          compile: bool = False) -> SpeculativeResult:
     """Generate after `prompt_ids` with the draft proposing `k` tokens per target forward.
     `fast` runs both models through `FastForward` (see fast.py) where it applies, `compile` with
-    its compiled steps: at temperature 0 each round (the draft's k proposals and the target's
-    verification) is one compiled call."""
+    its compiled steps: at temperature 0 each round of k proposals (the draft's proposals and the
+    target's verification) is one compiled call, once the sequence has 4 tokens; the last rounds,
+    with fewer than k tokens to go, run step by step."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise AthanorError("the draft and target models must share a vocabulary (the same tokenizer)")
     started = time.perf_counter()
@@ -95,10 +96,10 @@ def speculative_generate(target: LlamaModel, draft: LlamaModel, prompt_ids: Sequ
     def greedy_round() -> tuple[list[int], list[int]] | None:
         """A whole greedy round in one compiled call (`FastForward.greedy_round`): the proposals and
         the target's argmax at each position; None where that does not apply."""
-        if not all(isinstance(m, FastForward) and m.compiled for m in models):
+        if len(seq) < 4 or not all(isinstance(m, FastForward) and m.compiled for m in models):
             return None
         for m, cached in ((0, len(seq) - 1), (1, len(seq) - 2)):  # the prompt, on the first round
-            if done[m] < cached and cached >= 2:
+            if done[m] < cached:
                 models[m](torch.tensor([seq[done[m]:cached]], device=device), done[m], caches[m])
                 done[m] = cached
         fused = models[0].greedy_round(models[1], seq, caches[0], caches[1], k)
