@@ -148,7 +148,7 @@ def quantize_blocks(name: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
     """Quantize blocks (n, 32) float32 (contiguous) into out (n, type_size) uint8 (contiguous)."""
     n = blocks.shape[0]
     if n < MIN_BLOCKS:
-        _legacy(name, blocks, out)
+        legacy.quantize_blocks(name, blocks, out)
         return
     _, divisor, flags_ties = _GRAPHS[name]
     torch._dynamo.mark_dynamic(blocks, 0)  # one graph for every block count
@@ -164,10 +164,5 @@ def quantize_blocks(name: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
     if flags_ties and torch.count_nonzero(total) < n:
         tied = (total.view(-1) == 0).nonzero().view(-1)
         fixed = torch.empty(len(tied), out.shape[1], dtype=torch.uint8)
-        _legacy(name, blocks[tied], fixed)
+        legacy.quantize_blocks(name, blocks[tied], fixed)
         out[tied] = fixed
-
-
-def _legacy(name: str, blocks: torch.Tensor, out: torch.Tensor) -> None:
-    buf, scratch = torch.empty_like(blocks), torch.empty(blocks.shape, dtype=torch.int32)
-    legacy.QUANTIZERS[name](blocks, out, buf, scratch)

@@ -133,30 +133,18 @@ def _dequantizer(t: QuantType) -> Dequantizer:
     return _LEGACY_DEQUANT[t.name] if t.name in _LEGACY_DEQUANT else _block_codec(t)[1]
 
 
-# Work goes in chunks so that temporaries stay in cache. The legacy types chunk by blocks (they
-# are independent) with scratch buffers reused across chunks: 512K weights measured best of
-# 128K-512K (each eager op costs microseconds per chunk, against 2 MiB buffers in L2). The
-# K-quants chunk by rows at 16K weights: their search holds (blocks x 41 candidates x elements).
-_LEGACY_CHUNK_BLOCKS = 1 << 14
+# The K-quants work in chunks of rows of 16K weights, so that temporaries stay in cache: their
+# search holds (blocks x 41 candidates x elements). (The legacy types chunk in legacy.py.)
 _KQUANT_CHUNK_ELEMENTS = 1 << 14
 
 
 def _quantize_legacy(w2: torch.Tensor, t: QuantType, out: torch.Tensor, compile: bool) -> None:
     blocks, out_blocks = w2.contiguous().view(-1, 32), out.view(-1, t.type_size)
     if compile:  # one compiled graph over the whole tensor: no chunks (see compiled.py)
-        from athanor.quant.compiled import quantize_blocks
-
-        quantize_blocks(t.name, blocks, out_blocks)
-        return
-    from athanor.quant.legacy import QUANTIZERS
-
-    quant = QUANTIZERS[t.name]
-    step = min(_LEGACY_CHUNK_BLOCKS, blocks.shape[0])
-    buf, scratch = torch.empty(step, 32), torch.empty(step, 32, dtype=torch.int32)
-    for b in range(0, blocks.shape[0], step):
-        x = blocks[b:b + step]
-        n = x.shape[0]
-        quant(x, out_blocks[b:b + n], buf[:n], scratch[:n])
+        from athanor.quant import compiled as quantizer
+    else:
+        from athanor.quant import legacy as quantizer
+    quantizer.quantize_blocks(t.name, blocks, out_blocks)
 
 
 def quantize(weight: torch.Tensor, qtype: str | QuantType, importance: torch.Tensor | None = None,

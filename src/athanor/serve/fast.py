@@ -172,9 +172,12 @@ class FastForward:
         device = cache.k.device
         args = [torch.tensor([seq[-2:]], device=device), torch.tensor([seq[-1:]], device=device),
                 *_views(draft_cache, S - 2), *_views(cache, S - 1)]
-        dims = (draft._cache_dims("draft_cached", draft_cache.max_len), self._cache_dims("cached", cache.max_len))
-        picks, best, dk, dv, k_new, v_new = self._runner(f"round{k}", args, lambda: ({}, {}, *dims[0], *dims[1]),
-                                                         draft).run(args)
+
+        def dims() -> tuple:
+            return {}, {}, *draft._cache_dims("draft_cached", draft_cache.max_len), \
+                *self._cache_dims("cached", cache.max_len)
+
+        picks, best, dk, dv, k_new, v_new = self._runner(f"round{k}", args, dims, draft).run(args)
         _store(draft_cache, S - 2, dk, dv)
         _store(cache, S - 1, k_new, v_new)
         return picks.tolist(), best.tolist()
@@ -198,8 +201,11 @@ class FastForward:
             ids[r], lengths[r] = t, n
         device = cache.k.device
         args = [torch.tensor(ids, device=device)[:, None], torch.tensor(lengths, device=device), *_views(cache, L)]
-        dims = self._cache_dims("cached", cache.max_len)
-        logits, k, v = self._runner("rows", args, lambda: ({}, {}, *dims)).run(args)
+
+        def dims() -> tuple:
+            return {}, {}, *self._cache_dims("cached", cache.max_len)
+
+        logits, k, v = self._runner("rows", args, dims).run(args)
         r, n = torch.tensor(rows, device=device), args[1][rows]
         # Advanced indices on the batch and time axes put the rows first: (rows, layers, kv_heads, head_dim).
         cache.k[:, r, :, n] = k[:, r, :, 0].transpose(0, 1)
@@ -211,9 +217,12 @@ class FastForward:
         """Run a batch-1 graph on `inputs` after the cached positions [0, start_pos) of `cache`'s
         row, and store the new keys/values it returns; its other outputs."""
         args = [*inputs, *_views(cache, start_pos)]  # the graph reads its position off the views' length
-        dims = self._cache_dims("cached", cache.max_len)
-        new = {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)} if graph == "few" else {}
-        *out, k, v = self._runner(graph, args, lambda: (new, *dims)).run(args)
+
+        def dims() -> tuple:
+            new = {1: torch.export.Dim("new", min=2, max=COMPILED_MAX_NEW)} if graph == "few" else {}
+            return new, *self._cache_dims("cached", cache.max_len)
+
+        *out, k, v = self._runner(graph, args, dims).run(args)
         _store(cache, start_pos, k, v)
         return out
 
@@ -225,7 +234,8 @@ class FastForward:
 
     def _runner(self, graph: str, args: list[torch.Tensor], dynamic: Callable[[], tuple],
                 draft: FastForward | None = None) -> torch._C._aoti.AOTIModelPackageLoader:
-        """The compiled graph for `args`, built on first use; keyed by the graph, the strides of the
+        """The compiled graph for `args`, built on first use (`dynamic()` gives the export's dynamic
+        shapes, made only then); keyed by the graph, the strides of the
         cache views (the generated code takes them as fixed) and the draft it runs, if any. Callers
         use the loader's own `run`: AOTICompiledModel.__call__ would re-parse its pytree specs on
         every call (~60 us of a ~0.9 ms step)."""
