@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from athanor.errors import AthanorError
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -45,3 +47,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def refuse_to_overwrite(path: str | Path, force: bool) -> None:
+    """Writers that make a fresh file or directory call this first: what a user already has there
+    (a run's weights, a GGUF file) is never replaced silently. An empty directory is fine;
+    `force` (the CLI's --force) replaces on purpose. Writers that resume a run in place
+    (pretrain, sft) do not call it: finding their own checkpoints there is the point."""
+    path = Path(path)
+    if force or not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    what = "directory is not empty" if path.is_dir() else "file exists"
+    raise AthanorError(f"{what}; pass --force to replace it, or choose another --out", path=path)
