@@ -15,8 +15,10 @@ out, reads secrets, kills its parent), so it runs in a separate process tree bui
 - Processes: RLIMIT_NPROC counts the processes of the program's uid: a fresh random uid under
   root, a per-namespace count inside a user namespace otherwise, so a fork bomb hits the wall fast; when pid 1 exits,
   the kernel kills every process left in its PID namespace, so nothing outlives the run.
-- Time: RLIMIT_CPU bounds CPU seconds; the parent bounds wall-clock time and then kills the whole
-  session (its own process group, started with `start_new_session`).
+- Time: RLIMIT_CPU bounds CPU seconds (SIGXCPU at the limit, SIGKILL a second later for a program
+  that handles SIGXCPU); the bootstrap tells a CPU-limit death from any other by the kernel's own
+  CPU clock, not by rusage, which under load reads 10-25% below it. The parent bounds wall-clock
+  time and then kills the whole session (its own process group, started with `start_new_session`).
 - Files: the program's writes land in a throwaway work dir; everything else is read-only, and the
   new /proc shows only the sandbox's processes (the parent's environ is not there to read).
 - Environment: a fixed, minimal one (PATH, HOME and TMPDIR = the work dir); nothing inherited.
@@ -127,7 +129,7 @@ def _verdict(status: dict, stderr: str, timed_out: bool) -> tuple[Verdict, int |
         return "error", None, None, status["error"]
     code, sig = status.get("returncode"), status.get("signal")
     if sig is not None:
-        if sig in (signal.SIGXCPU, signal.SIGKILL) and status.get("cpu_s", 0) >= status.get("cpu_limit", 1e9) - 0.5:
+        if status.get("cpu_limit_reached"):
             return "timeout", None, sig, "CPU-time limit reached"
         if sig == signal.SIGXFSZ:
             return "file_too_large", None, sig, "file-size limit reached"
