@@ -17,15 +17,19 @@ out, reads secrets, kills its parent), so it runs in a separate process tree bui
   the kernel kills every process left in its PID namespace, so nothing outlives the run.
 - Time: RLIMIT_CPU bounds CPU seconds (SIGXCPU at the limit, SIGKILL a second later for a program
   that handles SIGXCPU); the bootstrap tells a CPU-limit death from any other by the kernel's own
-  CPU clock, not by rusage, which under load reads 10-25% below it. The parent bounds wall-clock
-  time and then kills the whole session (its own process group, started with `start_new_session`).
+  CPU clock, not by rusage, which under load reads 10-25% below it. The bootstrap also enforces the
+  wall-clock deadline: it is a subreaper (PR_SET_CHILD_SUBREAPER), so every descendant, however it
+  detached (setsid, double fork), stays below it, and at the deadline and at the end of every run
+  it kills and reaps them all. The parent keeps a backstop: if no report comes a little after the
+  deadline, it kills the whole session (its own process group, started with `start_new_session`).
 - Files: the program's writes land in a throwaway work dir; everything else is read-only, and the
   new /proc shows only the sandbox's processes (the parent's environ is not there to read).
 - Environment: a fixed, minimal one (PATH, HOME and TMPDIR = the work dir); nothing inherited.
 
 Where the kernel forbids unprivileged user namespaces (some hardened hosts), isolation is not
 available and `run_python` fails closed with `SandboxUnavailable` unless the caller passes
-`allow_unisolated=True` for trusted code, which then runs with the rlimits only.
+`allow_unisolated=True` for trusted code, which then runs with the rlimits and the subreaper's
+clean-up only (a program that kills the bootstrap, same uid there, can then leave orphans behind).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ NAMESPACE_FLAGS = ["--net", "--pid", "--fork", "--kill-child", "--mount", "--mou
 # concurrent sandboxes neither share a process count nor can signal each other).
 SANDBOX_UIDS = (200_000, 1_000_000)
 BOOTSTRAP = Path(__file__).with_name("sandbox_init.py")
+# The bootstrap reports at the deadline; the parent kills the session only if it has not reported
+# this long after (it was stopped or killed), so load on the machine cannot pre-empt its report.
+BACKSTOP_S = 10.0
 
 
 class SandboxUnavailable(AthanorError):
@@ -63,7 +70,7 @@ class SandboxUnavailable(AthanorError):
 class Limits:
     """Resource limits of one run. Defaults suit unit tests of small functions."""
 
-    wall_s: float = 10.0  # wall-clock seconds, enforced by the parent
+    wall_s: float = 10.0  # wall-clock seconds from the start of the run, enforced by the bootstrap
     cpu_s: int = 5  # CPU seconds (RLIMIT_CPU)
     memory_mb: int = 512  # address space (RLIMIT_AS)
     max_procs: int = 16  # processes and threads of the sandbox (RLIMIT_NPROC in its user namespace)
@@ -123,7 +130,7 @@ def _read_capped(path: Path, limit: int) -> str:
 
 
 def _verdict(status: dict, stderr: str, timed_out: bool) -> tuple[Verdict, int | None, int | None, str]:
-    if timed_out:
+    if timed_out or status.get("timeout"):
         return "timeout", None, None, "wall-clock limit reached; the whole process tree was killed"
     if "error" in status:
         return "error", None, None, status["error"]
@@ -176,7 +183,11 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
         (tmp_path / "stage").mkdir()
         needed = [str(work), sys.prefix, sys.base_prefix, sys.exec_prefix,
                   os.path.dirname(os.path.realpath(sys.executable))]
+        # CLOCK_MONOTONIC is one clock for the whole host (no time namespace here): the deadline
+        # counts from now, so the bootstrap's own start-up is part of the program's wall time.
+        deadline = time.monotonic() + limits.wall_s
         spec = {"work": str(work), "python": sys.executable, "isolated": why is None, "uid": uid,
+                "deadline": deadline,
                 "expose": needed, "stage": str(tmp_path / "stage"),
                 "limits": {"cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "max_procs": limits.max_procs,
                            "file_mb": limits.file_mb, "max_files": limits.max_files}}
@@ -194,12 +205,12 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
         os.close(status_w)
         timed_out = False
         try:
-            proc.wait(timeout=limits.wall_s)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()) + BACKSTOP_S)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            # Kill the session either way: with namespaces the kernel then reaps the whole PID
-            # namespace; without, anything the program left behind in its group goes too.
+            # Kill the session either way (the bootstrap has normally exited already): with
+            # namespaces the kernel then reaps the whole PID namespace.
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

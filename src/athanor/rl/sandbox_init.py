@@ -1,8 +1,10 @@
-"""Pid 1 of a sandbox (see sandbox.py): lock the filesystem, fork the program with limits, report.
+"""Pid 1 of a sandbox (see sandbox.py): lock the filesystem, fork the program with limits, wait
+for it until the wall-clock deadline, kill and reap everything below, report.
 
 Run as `python -I sandbox_init.py SPEC_JSON STATUS_FD` inside fresh user, network, PID and mount
-namespaces. It must stay stdlib-only and import nothing from athanor: it runs before any of the
-program's code, and its report (JSON on STATUS_FD) is the only thing the parent trusts.
+namespaces (or, unisolated, as a subreaper without them). It must stay stdlib-only and import
+nothing from athanor: it runs before any of the program's code, and its report (JSON on
+STATUS_FD) is the only thing the parent trusts.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
 import time
@@ -22,6 +25,7 @@ MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 OPTION_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                 "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
+PR_SET_CHILD_SUBREAPER = 36
 CPUCLOCK_PROF = 0  # <linux/posix-timers.h>: the clock RLIMIT_CPU is checked against
 # Virtual filesystems: the kernel itself guards writes there (and /proc is the sandbox's own).
 VIRTUAL = ("/proc", "/sys")
@@ -134,6 +138,45 @@ def cpu_limit_reached(pid: int, sig: int, limits: dict) -> bool:
         return False
 
 
+def descendants() -> list[int]:
+    """Every live process below this one (pid 1 sees only its namespace; else all of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ')'
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [os.getpid()]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_descendants() -> None:
+    """SIGKILL everything below this process, however it detached (setsid, double fork)."""
+    for pid in descendants():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def reap_all() -> None:
+    """Kill and reap until no descendant is left. As a subreaper this process inherits every
+    orphan below it, so one that forked between a scan and its kill is found by the next scan."""
+    while True:
+        kill_descendants()
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def start_program(spec: dict) -> int:
     """Fork the program; its pid once it has exec'd. A failure before exec raises OSError."""
     err_r, err_w = os.pipe()  # close-on-exec: stays empty if exec succeeds
@@ -168,7 +211,15 @@ def main() -> None:
             if spec["uid"] is not None:
                 expose(spec["expose"], spec["stage"])
             lock_filesystem(spec["work"])
+        # Orphans below us come to us, not to the host's init, so the end of the run reaches them.
+        _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
         pid = start_program(spec)
+        pidfd = os.pidfd_open(pid)
+        exited, _, _ = select.select([pidfd], [], [], max(0.0, spec["deadline"] - time.monotonic()))
+        os.close(pidfd)
+        if not exited:
+            report["timeout"] = True
+            kill_descendants()
         # Look at the zombie before reaping it: only then can its CPU clock still be read.
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         if info.si_code == os.CLD_EXITED:
@@ -179,6 +230,7 @@ def main() -> None:
         os.waitpid(pid, 0)
     except OSError as e:
         report = {"error": f"sandbox setup failed: {e}"}
+    reap_all()  # whatever the program left running, in the namespace or (unisolated) not
     os.write(status_fd, json.dumps(report).encode())
 
 
