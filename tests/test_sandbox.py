@@ -254,3 +254,13 @@ def test_private_directories_stay_hidden_and_nothing_is_left_behind():
     for name in os.listdir(secret_dir):  # none of the parent's home shows, beyond what the interpreter needs
         if name not in sys.prefix + sys.base_prefix:
             assert f"'{name}'" not in listing
+
+
+def test_temp_dir_under_a_directory_only_root_may_enter(own_tempdir):
+    # E.g. TMPDIR under /root: the program's uid (a random one under root) gets its work dir and
+    # nothing else of that directory.
+    own_tempdir.chmod(0o700)
+    (own_tempdir / "private.txt").write_text("root's")
+    r = run(f"import os; print(os.listdir({str(own_tempdir)!r})); open('out.txt', 'w').write('x')")
+    assert r.verdict == "ok", (r.detail, r.stderr)
+    assert "private.txt" not in r.stdout

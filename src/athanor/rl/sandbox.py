@@ -180,7 +180,6 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
             tmp_path.chmod(0o711)  # the program's uid may pass through to its work dir, not list here
             for path in (work, *work.rglob("*")):
                 os.chown(path, uid, uid)
-        (tmp_path / "stage").mkdir()
         needed = [str(work), sys.prefix, sys.base_prefix, sys.exec_prefix,
                   os.path.dirname(os.path.realpath(sys.executable))]
         # CLOCK_MONOTONIC is one clock for the whole host (no time namespace here): the deadline
@@ -188,7 +187,7 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
         deadline = time.monotonic() + limits.wall_s
         spec = {"work": str(work), "python": sys.executable, "isolated": why is None, "uid": uid,
                 "deadline": deadline,
-                "expose": needed, "stage": str(tmp_path / "stage"),
+                "expose": needed,
                 "limits": {"cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb, "max_procs": limits.max_procs,
                            "file_mb": limits.file_mb, "max_files": limits.max_files}}
         status_r, status_w = os.pipe()

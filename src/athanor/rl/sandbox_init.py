@@ -64,12 +64,14 @@ def lock_filesystem(work: str) -> None:
             raise OSError(err, f"cannot make {target} read-only: {os.strerror(err)}")
 
 
-def expose(paths: list[str], stage: str) -> None:
+def expose(paths: list[str]) -> None:
     """Make `paths` reachable for an unprivileged uid without opening anything else up.
 
     The interpreter may live under a directory only root may enter (e.g. pyenv in /root, mode
-    0700). In this mount namespace, such a directory is covered by an empty tmpfs into which only
-    the needed paths are bind-mounted back, so the rest of it stays out of sight.
+    0700), and so may the work dir (TMPDIR there). In this mount namespace, such a directory is
+    covered by an empty tmpfs into which only the needed paths are bind-mounted back, so the rest
+    of it stays out of sight. Each is held open (O_PATH) across the cover and bound back from its
+    /proc/self/fd link, which still leads to the directory the tmpfs now hides.
     """
     groups: dict[str, list[str]] = {}
     for path in dict.fromkeys(os.path.realpath(p) for p in paths):
@@ -79,18 +81,15 @@ def expose(paths: list[str], stage: str) -> None:
             if not os.stat(ancestor).st_mode & 0o001:  # others may not traverse it
                 groups.setdefault(ancestor, []).append(path)
                 break
-    for n, (ancestor, inner) in enumerate(groups.items()):
-        staged = []
-        for k, path in enumerate(inner):
-            spot = os.path.join(stage, f"{n}-{k}")
-            os.mkdir(spot)
-            _check(libc.mount(path.encode(), spot.encode(), None, MS_BIND | MS_REC, None), f"bind {path}")
-            staged.append((spot, path))
+    for ancestor, inner in groups.items():
+        held = [(os.open(path, os.O_PATH | os.O_DIRECTORY), path) for path in inner]
         _check(libc.mount(b"tmpfs", ancestor.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=64k"),
                f"cover {ancestor}")
-        for spot, path in staged:
+        for fd, path in held:
             os.makedirs(path, mode=0o755, exist_ok=True)
-            _check(libc.mount(spot.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"re-expose {path}")
+            _check(libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None),
+                   f"re-expose {path}")
+            os.close(fd)
 
 
 def drop_privileges(uid: int | None) -> None:
@@ -209,7 +208,7 @@ def main() -> None:
     try:
         if spec["isolated"]:
             if spec["uid"] is not None:
-                expose(spec["expose"], spec["stage"])
+                expose(spec["expose"])
             lock_filesystem(spec["work"])
         # Orphans below us come to us, not to the host's init, so the end of the run reaches them.
         _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
