@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
@@ -62,6 +62,9 @@ class Tokenizer:
         self.pad_id, self.end_id = hf.token_to_id(PAD), hf.token_to_id(END)
         self.role_ids = {role: hf.token_to_id(tok) for role, tok in ROLES.items()}
         self.special_ids = {hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        if hf.post_processor is None:
+            # Files saved before the BOS post-processor existed get it here, so the next save carries it.
+            hf.post_processor = _bos_processor(self.bos_id)
 
     # -- training, saving, loading -------------------------------------------------------
     @classmethod
@@ -89,6 +92,9 @@ class Tokenizer:
             "bos_token": BOS,
             "eos_token": EOS,
             "pad_token": PAD,
+            # Stated for readers that go by the config; tokenizer.json's post-processor does the adding.
+            "add_bos_token": True,
+            "add_eos_token": False,
             "additional_special_tokens": [END, *ROLES.values()],
             "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": False,
@@ -135,7 +141,11 @@ class Tokenizer:
         return lengths
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        """Identifies what `encode` produces: the post-processor (never used by `encode`) is left out,
+        so a tokenizer re-saved with the BOS post-processor keeps the shards made before it."""
+        bare = HFTokenizer.from_str(self.hf.to_str())
+        bare.post_processor = None
+        return hashlib.sha256(bare.to_str().encode()).hexdigest()[:16]
 
     # -- chat ---------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
@@ -162,6 +172,14 @@ class Tokenizer:
             ids.append(self.role_ids["assistant"])
             mask.append(0)
         return ids, mask
+
+
+def _bos_processor(bos_id: int) -> processors.TemplateProcessing:
+    """BOS before every sequence for other clients (transformers, lm-eval) that encode with special tokens,
+    as athanor's own code does by hand (`[bos_id, *encode(text)]`); a pair gets one BOS per segment, the
+    layout transformers builds from `add_bos_token`."""
+    return processors.TemplateProcessing(single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+                                         special_tokens=[(BOS, bos_id)])
 
 
 def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
