@@ -28,12 +28,17 @@ def test_special_tokens_are_single_ids(tokenizer: Tokenizer) -> None:
 
 
 def test_render_chat_matches_template_string(tokenizer: Tokenizer) -> None:
-    from jinja2 import Template
-
-    text = Template(CHAT_TEMPLATE).render(messages=CHAT, bos_token="<|bos|>", add_generation_prompt=False)
+    assert tokenizer.chat.source == CHAT_TEMPLATE
+    text, _ = tokenizer.chat.render(CHAT)  # rendered the way transformers renders it
     ids, mask = tokenizer.render_chat(CHAT)
-    assert ids == tokenizer.encode(text)
+    assert ids == tokenizer.encode(text) == tokenizer.encode_chat(CHAT)
     assert len(mask) == len(ids)
+
+
+def test_athanor_rules_by_name(tokenizer: Tokenizer) -> None:
+    assert tokenizer.add_bos and tokenizer.encode_prompt("def ") == [tokenizer.bos_id, *tokenizer.encode("def ")]
+    assert tokenizer.stop_ids == sorted({tokenizer.end_id, tokenizer.eos_id, tokenizer.bos_id,
+                                         *tokenizer.role_ids.values()})
 
 
 def test_loss_mask_covers_exactly_assistant_replies(tokenizer: Tokenizer) -> None:

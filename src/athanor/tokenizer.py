@@ -77,8 +77,10 @@ class Tokenizer:
             self._name_athanor_tokens()
         else:
             self._name_shipped_tokens(config)
-        # Every id that ends a reply: the turn end, eos, and the model's generation_config.json list.
-        self.stop_ids = sorted({self.end_id, self.eos_id, *stop_ids})
+        # Every id after which a reply is over: the turn end, eos, the model's generation_config.json
+        # list, and for athanor's format also a new document (bos) or a new turn (a role token).
+        own = {self.bos_id, *self.role_ids.values()} if config is None else set()
+        self.stop_ids = sorted({self.end_id, self.eos_id, *own, *stop_ids})
         # The model's own rule, read from what its tokenizer.json adds (what transformers follows too).
         self.add_bos = self.bos_id is not None and hf.encode("a").ids[:1] == [self.bos_id]
 
