@@ -117,6 +117,15 @@ def test_single_turn_qwen3_masks_the_think_block_and_reply(shipped: dict[str, Pa
     assert learned == "<think>\n\n</think>\n\n4<|im_end|>"
 
 
+@pytest.mark.parametrize("name", ["reasoning_content", "thinking", "reasoning"])
+def test_reasoning_reaches_the_template_under_any_name(shipped: dict[str, Path], name: str) -> None:
+    tok = Tokenizer.load(shipped["qwen2"])
+    chat = [*CHAT[1:2], {"role": "assistant", "content": "4", name: "2+2 is 4"}]
+    ids, mask = tok.render_chat(chat)
+    learned = tok.decode([i for i, m in zip(ids, mask, strict=True) if m], skip_special=False)
+    assert learned == "<think>\n2+2 is 4\n</think>\n\n4<|im_end|>"
+
+
 GENERATION_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}"
@@ -222,6 +231,15 @@ def test_chat_equals_apply_chat_template(shipped: dict[str, Path], family: str, 
             tok.render_chat(messages, **kw)
     else:
         assert tok.render_chat(messages, **kw)[0] == expected
+
+
+@pytest.mark.ref
+def test_reasoning_renders_as_in_transformers(shipped: dict[str, Path]) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(shipped["qwen2"]))
+    tok = Tokenizer.load(shipped["qwen2"])
+    chat = [*CHAT[:2], {"role": "assistant", "content": "4", "thinking": "2+2 is 4", "tool_calls": None}]
+    assert tok.encode_chat(chat) == hf.apply_chat_template(chat, tokenize=True, return_dict=False)
 
 
 @pytest.mark.ref

@@ -32,6 +32,7 @@ Span = tuple[int, int]  # [start, end) in characters of the rendered text
 
 # (pieces emitted so far, spans found) of the render in progress; a ContextVar so renders never share it.
 _TRACKING: ContextVar[tuple[list[str], list[Span]] | None] = ContextVar("athanor_generation", default=None)
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # first: the name templates read
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -100,8 +101,7 @@ class ChatTemplate:
         spans: list[Span] = []
         token = _TRACKING.set((emitted, spans))
         try:
-            # Keys whose value is None are dropped, as transformers does: templates test `is defined`.
-            chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+            chat = [_as_template_sees_it(m) for m in messages]
             context = {**self.special_tokens, **kwargs}
             emitted.extend(self.template.generate(messages=chat, tools=tools, documents=documents,
                                                   add_generation_prompt=add_generation_prompt, **context))
@@ -134,6 +134,17 @@ class ChatTemplate:
                     "goes on, so its loss mask cannot be found from prefixes; use a template with "
                     "{% generation %} blocks", field="chat_template")
             yield len(before), len(through.rstrip())
+
+
+def _as_template_sees_it(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as transformers hands it to a template: keys whose value is None dropped (templates test
+    `is defined`), and a reasoning given under any of its names also under `reasoning_content` (what
+    most templates read) and `thinking` (what gpt-oss reads)."""
+    plain = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((plain[k] for k in _REASONING_FIELDS if k in plain), None)
+    if reasoning is not None:
+        plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
+    return plain
 
 
 def mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[int]:
