@@ -3,6 +3,11 @@
 Each family keeps what matters for compatibility (model type, normalizer, split regex, ignore_merges,
 byte fallback, post-processor, special tokens, tokenizer_config.json, generation_config.json) and a
 real chat template from tests/data/templates; only the vocabulary is small and trained on the test corpus.
+
+tokenizer_class is PreTrainedTokenizerFast so that transformers encodes with tokenizer.json as written:
+transformers 5.x rebuilds a class it knows (GPT2Tokenizer, LlamaTokenizer) from the vocabulary and merges
+with that class's own pre-tokenizer, which can differ from the file (measured here: SmolLM2's digit split
+and Llama 2's Prepend normalizer on text with leading spaces). athanor follows tokenizer.json.
 """
 
 from __future__ import annotations
