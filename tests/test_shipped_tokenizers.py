@@ -182,6 +182,22 @@ def test_bad_shipped_files_are_one_clear_error(shipped: dict[str, Path], tmp_pat
         Tokenizer.load(d)
 
 
+def test_named_template_list_and_no_template(shipped: dict[str, Path], tmp_path: Path) -> None:
+    d = _with_template(shipped["smollm2"], tmp_path / "named", GENERATION_TEMPLATE)
+    (d / "chat_template.jinja").unlink()
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ 1 }}"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.load(d).chat.render([])[0] == "1"
+    del config["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.load(d)
+    with pytest.raises(AthanorError, match="no chat template"):
+        tok.render_chat(CHAT)
+    tok.save(tmp_path / "saved")
+    assert "chat_template" not in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+
+
 def test_save_keeps_the_shipped_config(shipped: dict[str, Path], tmp_path: Path) -> None:
     tok = Tokenizer.load(shipped["llama3"])
     tok.save(tmp_path / "out", model_max_length=64)

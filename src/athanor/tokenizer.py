@@ -180,7 +180,10 @@ class Tokenizer:
         if config is None:
             raise AthanorError("tokenizer_config.json not found beside a tokenizer that is not athanor's "
                                "(it names the special tokens)", path=file.parent / "tokenizer_config.json")
-        config["chat_template"] = _chat_template_source(config, file.parent)
+        template = _chat_template_source(config, file.parent)
+        config.pop("chat_template", None)
+        if template is not None:  # one string from here on, whichever way it was shipped
+            config["chat_template"] = template
         generation_file = file.parent / "generation_config.json"
         eos = (_read_json(generation_file) or {}).get("eos_token_id")
         stop_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
