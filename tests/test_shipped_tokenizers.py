@@ -162,6 +162,10 @@ def test_template_environment_matches_transformers_conventions() -> None:
         template.render([{"role": "bad", "content": ""}])
     with pytest.raises(AthanorError, match="line 1"):
         ChatTemplate("{% if %}", {})
+    with pytest.raises(AthanorError, match="message 0 is not an object"):
+        template.render(["hi"])
+    with pytest.raises(AthanorError, match="chat template: "):  # content of a shape the template cannot add
+        ChatTemplate("{{ messages[0].content + '!' }}", {}).render([{"role": "user", "content": 1}])
 
 
 def test_bad_shipped_files_are_one_clear_error(shipped: dict[str, Path], tmp_path: Path) -> None:

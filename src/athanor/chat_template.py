@@ -101,11 +101,12 @@ class ChatTemplate:
         spans: list[Span] = []
         token = _TRACKING.set((emitted, spans))
         try:
-            chat = [_as_template_sees_it(m) for m in messages]
+            chat = [_as_template_sees_it(i, m) for i, m in enumerate(messages)]
             context = {**self.special_tokens, **kwargs}
             emitted.extend(self.template.generate(messages=chat, tools=tools, documents=documents,
                                                   add_generation_prompt=add_generation_prompt, **context))
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError) as e:
+            # The template's own raise_exception, or messages of a shape it cannot handle.
             raise AthanorError(f"chat template: {e}", field="chat_template") from None
         finally:
             _TRACKING.reset(token)
@@ -136,10 +137,12 @@ class ChatTemplate:
             yield len(before), len(through.rstrip())
 
 
-def _as_template_sees_it(message: Mapping[str, Any]) -> dict[str, Any]:
+def _as_template_sees_it(index: int, message: Any) -> dict[str, Any]:
     """A message as transformers hands it to a template: keys whose value is None dropped (templates test
     `is defined`), and a reasoning given under any of its names also under `reasoning_content` (what
     most templates read) and `thinking` (what gpt-oss reads)."""
+    if not isinstance(message, Mapping):
+        raise AthanorError(f"message {index} is not an object", field="messages")
     plain = {k: v for k, v in message.items() if v is not None}
     reasoning = next((plain[k] for k in _REASONING_FIELDS if k in plain), None)
     if reasoning is not None:
