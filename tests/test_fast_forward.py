@@ -19,8 +19,13 @@ def model(**kw) -> LlamaModel:
     return LlamaModel(tiny_model_config(initializer_range=0.25, **kw)).eval()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
 @pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 4}, {"model_type": "qwen2"},
-                                {"attention_bias": True, "tie_word_embeddings": False}])
+                                {"attention_bias": True, "tie_word_embeddings": False},
+                                {"model_type": "qwen3", "head_dim": 32}, {"rope_scaling": LLAMA3_ROPE}])
 def test_logits_and_cache_match_the_model(kw: dict) -> None:
     m = model(**kw)
     with torch.no_grad():

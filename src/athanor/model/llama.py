@@ -1,8 +1,10 @@
 """A Llama-family decoder, readable top to bottom.
 
-The architecture of Llama (Touvron et al., 2023) and its relatives (Qwen2 adds q/k/v biases):
-pre-norm blocks of RMSNorm -> grouped-query attention with rotary positions -> residual,
-RMSNorm -> SwiGLU MLP -> residual; a final RMSNorm and a (possibly tied) output head.
+The architecture of Llama (Touvron et al., 2023) and its relatives: pre-norm blocks of
+RMSNorm -> grouped-query attention with rotary positions -> residual, RMSNorm -> SwiGLU MLP ->
+residual; a final RMSNorm and a (possibly tied) output head. The relatives differ in a few
+switches of `ModelConfig`: Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each q and k head
+before the rotation, Llama 3.1+ stretches the rotary frequencies for long contexts.
 
 Module and parameter names mirror transformers' `LlamaForCausalLM` exactly
 (`model.layers.N.self_attn.q_proj.weight`, ...), so a state dict moves between the two
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from athanor.model.linear_ce import linear_cross_entropy
 class ModelConfig:
     """Shape of the model; field names follow transformers' `LlamaConfig` / `Qwen2Config`."""
 
-    model_type: Literal["llama", "qwen2"] = "llama"
+    model_type: Literal["llama", "qwen2", "qwen3"] = "llama"
     vocab_size: int = 4096
     hidden_size: int = 256  # a multiple of 256 keeps every row K-quant friendly
     intermediate_size: int = 768
@@ -39,8 +41,12 @@ class ModelConfig:
     max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # transformers' rope scaling dict without the theta: {"rope_type": "linear", "factor": 4.0} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; None = plain RoPE. See `rope_inv_freq`.
+    rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = True
-    attention_bias: bool = False  # Llama's flag: biases on q, k, v and o
+    attention_bias: bool = False  # Llama's and Qwen3's flag: biases on q, k, v and o
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -56,7 +62,12 @@ class ModelConfig:
 
     @property
     def o_bias(self) -> bool:
-        return self.attention_bias and self.model_type == "llama"
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalizes every q and k head (RMSNorm over head_dim) before RoPE."""
+        return self.model_type == "qwen3"
 
     def validate(self) -> None:
         from athanor.errors import AthanorError
@@ -69,11 +80,13 @@ class ModelConfig:
                                field="model.hidden_size")
         if self.dim_per_head % 2:
             raise AthanorError("the head dimension must be even for rotary embeddings", field="model.head_dim")
+        rope_inv_freq(self)  # a bad rope_scaling is an error now, not at the first forward
 
     def num_parameters(self) -> int:
         d, h = self.hidden_size, self.dim_per_head
         attn = d * h * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
         attn += (self.num_attention_heads + 2 * self.num_key_value_heads) * h * self.qkv_bias + d * self.o_bias
+        attn += 2 * h * self.qk_norm
         mlp = 3 * d * self.intermediate_size
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * (attn + mlp + 2 * d) + emb + d
@@ -129,15 +142,48 @@ class KVCache:
         return self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary frequencies of a head's dimension pairs: theta^(-2i/d) (Su et al., 2021), with
+    the checkpoint's scaling applied:
+    - "linear" (position interpolation, Chen et al., 2023): every frequency divided by `factor`;
+    - "llama3" (Llama 3.1): wavelengths longer than original_max_position_embeddings / low_freq_factor
+      are stretched by `factor`, those shorter than original / high_freq_factor kept, and the band
+      between interpolated linearly in original / wavelength.
+    """
+    from athanor.errors import AthanorError
+
+    hd = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    scaling = dict(config.rope_scaling or {})
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise AthanorError(f"RoPE scaling {rope_type!r} is not supported (supported: {list(ROPE_TYPES)})",
+                           field="rope_scaling.rope_type")
+    try:
+        if rope_type == "linear":
+            return inv_freq / float(scaling["factor"])
+        if rope_type == "llama3":
+            factor, low, high = (float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+            original = float(scaling["original_max_position_embeddings"])
+            wavelength = 2 * math.pi / inv_freq
+            smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: stretched, 1: kept
+            return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    except KeyError as e:
+        raise AthanorError(f"RoPE scaling {rope_type!r} needs {e.args[0]!r}", field="rope_scaling") from None
+    return inv_freq
+
+
 def rope_tables(config: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of position * inverse frequency (Su et al., 2021, RoFormer), shape (max_pos, head_dim).
+    """cos/sin of position * inverse frequency (see `rope_inv_freq`), shape (max_pos, head_dim).
 
     Laid out for the "rotate half" convention that transformers uses: the first half of a head's
     dimensions pairs with the second half. (llama.cpp pairs adjacent dimensions instead; GGUF
     export permutes q/k rows to match.)
     """
-    hd = config.dim_per_head
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    inv_freq = rope_inv_freq(config, device)
     pos = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -155,6 +201,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 even under bf16 autocast, as Llama does, then cast back.
         return rms_norm(x.float(), self.weight.float(), self.eps).to(x.dtype)
+
+
+def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n_q: int, n_kv: int,
+               eps: float) -> torch.Tensor:
+    """Qwen3's q/k norms: an RMSNorm over head_dim of every query head (weight `q_weight`) and key
+    head (`k_weight`), before the rotation; the values pass unchanged. `qkv` (..., n_q + 2 n_kv,
+    head_dim) as the stacked projection gives it. Shared by the model and serve/fast.py."""
+    q, k, v = qkv.split([n_q, n_kv, n_kv], dim=-2)
+    hd = qkv.shape[-1]
+    return torch.cat([F.rms_norm(q.float(), (hd,), q_weight.float(), eps).to(qkv.dtype),
+                      F.rms_norm(k.float(), (hd,), k_weight.float(), eps).to(qkv.dtype), v], dim=-2)
 
 
 def stacked_weights(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -190,12 +247,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = stacked_linear(x, (self.q_proj, self.k_proj, self.v_proj))
         qkv = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
+        if hasattr(self, "q_norm"):
+            qkv = norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, self.n_heads, self.n_kv, self.q_norm.eps)
         q, k, v = rotary_qkv(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), self.n_heads, self.n_kv)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from athanor.model.llama import KVCache, LlamaModel, stacked_weights
+from athanor.model.llama import KVCache, LlamaModel, norm_heads, stacked_weights
 
 # The compiled step serves decoding and speculative verification: a few new tokens. Its attention
 # (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
@@ -75,8 +75,9 @@ class FastForward:
                 a, m = layer.self_attn, layer.mlp
                 w_qkv, b_qkv = stacked_weights((a.q_proj, a.k_proj, a.v_proj))
                 w_gu, _ = stacked_weights((m.gate_proj, m.up_proj))
+                norms = (a.q_norm.weight, a.k_norm.weight) if hasattr(a, "q_norm") else None
                 self.layers.append((
-                    layer.input_layernorm.weight, _t(w_qkv), b_qkv, _t(a.o_proj.weight), a.o_proj.bias,
+                    (layer.input_layernorm.weight, _t(w_qkv), b_qkv, norms), _t(a.o_proj.weight), a.o_proj.bias,
                     layer.post_attention_layernorm.weight, _t(w_gu), _t(m.down_proj.weight),
                 ))
             self.head = _t(model.lm_head.weight)
@@ -115,8 +116,8 @@ class FastForward:
         causal = mask is None and start_pos == 0 and T > 1
         gqa = H != Hkv
         x = F.embedding(input_ids, self.embed)
-        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            qk, v = self._rotated_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
+        for i, (qkv_in, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+            qk, v = self._rotated_qkv(x, qkv_in, cos, sin)
             k, v = cache.update(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), start_pos)
             y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=gqa)
@@ -124,13 +125,17 @@ class FastForward:
             x = self._mlp(x, ln2, w_gu, w_down)
         return _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
 
-    def _rotated_qkv(self, x: torch.Tensor, ln1: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None,
-                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotated_qkv(self, x: torch.Tensor, qkv_in: tuple, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The attention's inputs from the residual stream x (..., T, d): q|k with RoPE applied,
-        (..., T, heads + kv_heads, head_dim), and v, (..., T, kv_heads, head_dim). Shared by the
-        eager step and the compiled one."""
+        (..., T, heads + kv_heads, head_dim), and v, (..., T, kv_heads, head_dim). `qkv_in` is the
+        layer's (input norm, stacked q|k|v weight, its bias, the q/k head norms or None). Shared by
+        the eager step and the compiled one."""
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        ln1, w_qkv, b_qkv, norms = qkv_in
         qkv = _linear(F.rms_norm(x, (x.shape[-1],), ln1, self.eps), w_qkv, b_qkv).view(*x.shape[:-1], H + 2 * Hkv, hd)
+        if norms is not None:
+            qkv = norm_heads(qkv, *norms, H, Hkv, self.eps)
         qk = qkv[..., :H + Hkv, :]
         return torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin), qkv[..., H + Hkv:, :]
 
@@ -289,8 +294,8 @@ class FastForward:
             (torch.arange(kc.shape[3], device=ids.device) >= lengths[:, None])[:, None, None, None]
         x = F.embedding(ids, self.embed)  # (B, T, d)
         ks, vs = [], []
-        for i, (ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            qk, v = self._rotated_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
+        for i, (qkv_in, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
+            qk, v = self._rotated_qkv(x, qkv_in, cos, sin)
             # Grouped-query attention: the G query heads of a group share one k/v head.
             q = qk[:, :, :H].view(B, T, Hkv, G, hd).permute(0, 2, 3, 1, 4) * (1 / math.sqrt(hd))  # (B, Hkv, G, T, hd)
             k, v = qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
