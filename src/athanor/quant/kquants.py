@@ -21,6 +21,10 @@ from athanor.quant.formats import QK_K, f16_bytes, f16_from, pack_nibbles, unpac
 # Candidate inverse-scale offsets around "the extreme value maps to the extreme level".
 _AFFINE_GRID = torch.linspace(-1.0, 1.0, 41)
 _SYM_GRID = torch.linspace(-1.0, 1.0, 21)
+# A sub-block whose values all lie within this of zero (symmetric) or of each other (affine) is
+# stored as flat, as ggml does (GROUP_MAX_EPS in ggml-quants.c): the candidate inverse scales
+# divide by that range, and a denormal one overflows them to inf, whose 0 * inf codes are NaN.
+GROUP_MAX_EPS = 1e-15
 
 
 def _weights(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -35,7 +39,7 @@ def fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     """
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     span = x.amax(-1, keepdim=True) - lo
-    flat = span <= 0
+    flat = span < GROUP_MAX_EPS
     span = torch.where(flat, torch.ones_like(span), span)
     iscale = (nmax + _AFFINE_GRID.to(x.dtype)) / span                      # (m, G)
     q = torch.round(iscale.unsqueeze(-1) * (x - lo).unsqueeze(1)).clamp(0, nmax)  # (m, G, S)
@@ -72,7 +76,7 @@ def fit_symmetric(x: torch.Tensor, w: torch.Tensor, nneg: int, npos: int) -> tor
     asymmetric), each refit by weighted least squares.
     """
     amax = torch.gather(x, 1, x.abs().argmax(-1, keepdim=True))
-    zero = amax == 0
+    zero = amax.abs() < GROUP_MAX_EPS
     amax = torch.where(zero, torch.ones_like(amax), amax)
     grid = _SYM_GRID.to(x.dtype)
     iscale = torch.cat([-(nneg + grid) / amax, (npos + grid) / amax], dim=-1)   # (m, 2G)
