@@ -50,7 +50,11 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 def _q8_0(x: torch.Tensor, divisor: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     d = x.abs().amax(1, keepdim=True) / divisor
+    # A denormal d has an infinite inverse: the reference's codes are then conversions of NaN and
+    # inf to int8, which come out 0 (C on x86, numpy, eager torch) but 0x80 from inductor's
+    # vector conversion; an inverse of 0 gives those zeros (d is 0 in fp16: the block reads 0).
     inv = _inverse(d)
+    inv = torch.where(torch.isinf(inv), torch.zeros_like(inv), inv)
     v = x * inv
     q = torch.trunc(v + torch.copysign(torch.full_like(v, _HALF_BELOW), v)).to(torch.int8)
     return (d.to(torch.float16), q), inv
