@@ -9,7 +9,9 @@ layouts are ggml's (`block_q*_K` in ggml-common.h), so `gguf.quants.dequantize` 
 these blocks. The search here differs: it tries a finer grid of candidate scales for every
 sub-block at once (vectorized) and scores each by the plain squared error, weighted only by the
 importance matrix when one is given, where llama.cpp's reference weights errors by |x|-based
-heuristics. Measured: RMSE 0.1-8% below the reference quantizer's on the same weights (tests/test_llama_cpp.py).
+heuristics. Measured against llama.cpp's quantizer on the same weights (`python benchmarks/quant.py
+--error-vs-llama-cpp`): RMSE 0.2-9% lower on normal weights; on outlier-heavy ones (0.5% of the
+weights 20x) Q4_K and Q5_K come out 1.6% and 0.5% higher, the other types still lower.
 """
 
 from __future__ import annotations
