@@ -162,6 +162,7 @@ def test_cli_export_import_imatrix_and_clear_errors(run_with_text: tuple[Path, P
     assert r.returncode == 2 and "bad.gguf" in r.stderr and "Traceback" not in r.stderr
     r = athanor(str(run), "--types", "Q9_9")
     assert r.returncode == 2 and "unknown quantization type" in r.stderr
+    assert not (run / "quant").exists()  # nothing written for a command that failed
 
 
 @pytest.mark.slow

@@ -87,9 +87,9 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
     one collected on `calib_file` (or `data/train.bin`) when `cfg.imatrix_tokens` > 0."""
     cfg = cfg or ScorecardConfig()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    schemes = [get_scheme(t) for t in cfg.types]  # a misspelt type fails before anything is written
     refuse_to_overwrite(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    schemes = [get_scheme(t) for t in cfg.types]
     base = load_pretrained(run_dir).eval()
     tok = Tokenizer.load(run_dir)
     held = calibration_tokens(run_dir, cfg.eval_tokens + 1, "val", text_file)
