@@ -10,12 +10,17 @@
    athanor with exact dequantized products, and with torch's int4 kernel in bf16
    (`quantize_model(kernel=True)`, rows "+int4k"). `--decode-shape` swaps in random weights
    of a bigger shape (with the run's tokenizer), where streaming the weights dominates.
+3. `--error-vs-llama-cpp`: RMSE of athanor's K-quants against llama.cpp's own quantizer
+   (`llama_model_quantize`, pure, no importance matrix) on the same F32 weights, for normal
+   weights and two outlier-heavy kinds (Student-t with 3 degrees of freedom; normal with 0.5%
+   of the weights scaled 20x): the ratio athanor / llama.cpp per type (below 1: athanor closer).
 
 Rounds alternate between the two sides; medians are printed with the ratio.
 
     python benchmarks/quant.py                           # the speedrun model shape, random weights
     python benchmarks/quant.py --run-dir runs/speedrun   # a trained run directory
     python benchmarks/quant.py --run-dir runs/speedrun --decode-shape 1024,2816,8 --skip-quantize
+    python benchmarks/quant.py --error-vs-llama-cpp --skip-quantize --skip-decode
 """
 
 from __future__ import annotations
@@ -90,6 +95,66 @@ def _toy_run(out: Path) -> Path:
     return out
 
 
+# Weight distributions for the error comparison: (name, draw(shape, generator)).
+_DISTRIBUTIONS = {
+    "normal": lambda shape, g: torch.randn(shape, generator=g),
+    "student-t3": lambda shape, g: torch.distributions.StudentT(3.0).sample(shape),
+    "outliers-0.5%x20": lambda shape, g: torch.randn(shape, generator=g)
+    * torch.where(torch.rand(shape, generator=g) < 0.005, 20.0, 1.0),
+}
+_FTYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}  # llama_ftype of the pure types
+
+
+def bench_error_vs_llama_cpp(run_dir: Path, tmp: Path) -> None:
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from athanor.quant.gguf import hf_name_of, rope_permute
+
+    print("\n## K-quant RMSE, athanor / llama.cpp's quantizer (pure, no imatrix), same F32 weights, all 2-D "
+          "tensors of the model pooled")
+    print(f"{'weights':18}" + "".join(f"{t:>8}" for t in _FTYPES))
+    for dist, draw in _DISTRIBUTIONS.items():
+        model = load_pretrained(run_dir)
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(draw(p.shape, g) * 0.02)
+        src = tmp / f"w-{dist}"
+        save_pretrained(model, src)
+        Tokenizer.load(run_dir).save(src)
+        f32 = tmp / f"{dist}-f32.gguf"
+        export_gguf(src, f32, "F32", model=model)
+        state = model.state_dict()
+        cells = []
+        for qtype, ftype in _FTYPES.items():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.pure, params.nthread = ftype, True, torch.get_num_threads()
+            out = tmp / f"{dist}-{qtype}.gguf"
+            assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+            ours = quantize_weights(model, qtype)
+            err_ours = err_theirs = 0.0
+            for t in gguf.GGUFReader(out).tensors:
+                hf = hf_name_of(t.name)
+                if hf is None or t.tensor_type.name != qtype:
+                    continue
+                ref = state[hf].float()
+                blocks = torch.from_numpy(np.asarray(t.data).reshape(ours[hf].rows, -1).copy())
+                if ".q_proj." in hf or ".k_proj." in hf:  # llama.cpp's rows are in the GGUF (permuted) order
+                    c = model.config
+                    blocks = rope_permute(blocks, c.num_attention_heads if ".q_proj." in hf else
+                                          c.num_key_value_heads, inverse=True)
+                theirs = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), t.tensor_type)).view(ref.shape)
+                err_theirs += float(((theirs - ref) ** 2).sum())
+                err_ours += float(((ours[hf].dequantize().view(ref.shape) - ref) ** 2).sum())
+            cells.append(f"{(err_ours / err_theirs) ** 0.5:8.4f}")
+        print(f"{dist:18}" + "".join(cells))
+
+
 def _bigger_run(run_dir: Path, shape: str, out: Path) -> Path:
     """Random weights of shape HIDDEN,INTERMEDIATE,LAYERS (64-dim heads, 4 query heads per KV
     head) with run_dir's tokenizer: speed only, the text it writes is noise."""
@@ -159,12 +224,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-quantize", action="store_true")
+    ap.add_argument("--error-vs-llama-cpp", action="store_true",
+                    help="K-quant RMSE against llama.cpp's quantizer on normal and outlier-heavy weights")
     ap.add_argument("--decode-shape", help="HIDDEN,INTERMEDIATE,LAYERS: decode random weights of this shape "
                                            "with the run's tokenizer (e.g. 1024,2816,8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.skip_quantize:
         bench_quantize(args.rows, args.cols, args.rounds)
+    if args.error_vs_llama_cpp:
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_error_vs_llama_cpp(args.run_dir or _toy_run(Path(tmp) / "run"), Path(tmp))
     if not args.skip_decode:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = args.run_dir or _toy_run(Path(tmp) / "run")

@@ -157,3 +157,127 @@ def test_random_header_corruption_never_crashes(tmp_path: Path, tokenizer_dir: P
             load_gguf(bad)
         except AthanorError:
             pass
+
+
+def test_export_writes_the_chat_template_and_special_ids(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """llama.cpp's chat reads `tokenizer.chat_template` and the BOS/EOS/EOT ids from the file."""
+    from athanor.tokenizer import CHAT_TEMPLATE
+
+    run = make_run(tmp_path, tokenizer_dir)
+    export_gguf(run, tmp_path / "m.gguf", "Q8_0")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    tok = Tokenizer.load(run)
+    assert fields["tokenizer.chat_template"].contents() == CHAT_TEMPLATE
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == tok.bos_id
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_id
+    assert fields["tokenizer.ggml.padding_token_id"].contents() == tok.pad_id
+    assert fields["tokenizer.ggml.eot_token_id"].contents() == tok.end_id
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+
+def test_import_restores_the_chat_template_and_special_tokens(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import json
+
+    run = make_run(tmp_path, tokenizer_dir)
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    original = json.loads((run / "tokenizer_config.json").read_text())
+    back = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("chat_template", "bos_token", "eos_token", "pad_token"):
+        assert back[key] == original[key], key
+    assert sorted(back["additional_special_tokens"]) == sorted(original["additional_special_tokens"])
+    tok = Tokenizer.load(run)
+    assert {int(i) for i in back["added_tokens_decoder"]} == tok.special_ids
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert Tokenizer.load(out).render_chat(chat) == tok.render_chat(chat)
+
+
+@pytest.mark.ref
+def test_transformers_applies_the_imported_chat_template(tmp_path: Path, tokenizer_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    run = make_run(tmp_path, tokenizer_dir)
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    out = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "def f(x):"}]
+    ids = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert list(ids) == Tokenizer.load(run).render_chat(chat, add_generation_prompt=True)[0]
+    assert theirs.bos_token == "<|bos|>" and theirs.eos_token == "<|eos|>" and theirs.pad_token == "<|pad|>"
+
+
+def _athanor(*args: str | Path) -> tuple[int, str]:
+    """`athanor quantize ...` through the real CLI entry point: exit code and stderr."""
+    import contextlib
+    import io
+
+    from athanor.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["quantize", *map(str, args)])
+    return code, err.getvalue()
+
+
+def _one_error_line(code: int, stderr: str, *words: str) -> None:
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("athanor: error: ") and "Traceback" not in stderr, stderr
+    for w in words:
+        assert w in stderr, stderr
+
+
+def _patch_field(path: Path, key: str, value: int) -> None:
+    """Overwrite one integer metadata value in place (the file is otherwise intact)."""
+    field = gguf.GGUFReader(path, "r+").fields[key]
+    field.parts[field.data[0]][0] = value
+
+
+def test_import_of_a_bad_file_is_one_error_and_writes_nothing(tmp_path: Path, tokenizer_dir: Path) -> None:
+    import json
+
+    # Vocabulary and merges that disagree: a merge of two strings that are not tokens.
+    run = make_run(tmp_path, tokenizer_dir)
+    tj = json.loads((run / "tokenizer.json").read_text())
+    tj["model"]["merges"].append(["zqzqx", "qxzqz"])
+    (run / "tokenizer.json").write_text(json.dumps(tj))
+    export_gguf(run, tmp_path / "merges.gguf", "F32")
+    # K rows that do not split into the KV heads: 6 heads of 32, 2 KV heads (64 K rows), told 3.
+    (tmp_path / "b").mkdir()
+    run6 = make_run(tmp_path / "b", tokenizer_dir, hidden_size=192, num_attention_heads=6, num_key_value_heads=2)
+    export_gguf(run6, tmp_path / "kheads.gguf", "F32")
+    _patch_field(tmp_path / "kheads.gguf", "llama.attention.head_count_kv", 3)
+    # Truncated: the last tensor cut short.
+    good = (tmp_path / "merges.gguf").read_bytes()
+    (tmp_path / "short.gguf").write_bytes(good[:-100])
+    cases = {"merges.gguf": ("vocabulary and merges disagree",), "kheads.gguf": ("blk.0.attn_k.weight", "3 heads"),
+             "short.gguf": ("truncated",)}
+    for name, words in cases.items():
+        out = tmp_path / f"out-{name}"
+        _one_error_line(*_athanor("import", tmp_path / name, "--out", out), str(tmp_path / name), *words)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".out-{name}")]  # no temporary left
+
+
+def test_quantize_writers_refuse_to_replace_without_force(tmp_path: Path, tokenizer_dir: Path) -> None:
+    run = make_run(tmp_path, tokenizer_dir)
+    gguf_path = tmp_path / "m.gguf"
+    assert _athanor("export", run, "--type", "F32", "--out", gguf_path)[0] == 0
+    before = gguf_path.read_bytes()
+    _one_error_line(*_athanor("export", run, "--type", "Q8_0", "--out", gguf_path), "--force", str(gguf_path))
+    assert gguf_path.read_bytes() == before
+    # Importing into an existing run directory (its weights and tokenizer) is refused ...
+    weights = (run / "model.safetensors").read_bytes()
+    _one_error_line(*_athanor("import", gguf_path, "--out", run), "not empty", "--force")
+    assert (run / "model.safetensors").read_bytes() == weights
+    # ... and replaces it only with --force.
+    (run / "stray.txt").write_text("x")
+    assert _athanor("import", gguf_path, "--out", run, "--force")[0] == 0
+    assert not (run / "stray.txt").exists() and (run / "tokenizer_config.json").is_file()
+    # The importance matrix and the scorecard directory refuse before any work.
+    (tmp_path / "im.st").write_bytes(b"mine")
+    _one_error_line(*_athanor("imatrix", run, "--out", tmp_path / "im.st"), "--force")
+    assert (tmp_path / "im.st").read_bytes() == b"mine"
+    (run / "quant").mkdir()
+    (run / "quant" / "scorecard.md").write_text("mine")
+    _one_error_line(*_athanor(run, "--types", "Q8_0"), "--force", str(run / "quant"))
+    assert (run / "quant" / "scorecard.md").read_text() == "mine"

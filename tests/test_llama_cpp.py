@@ -130,3 +130,19 @@ def test_quantization_error_no_worse_than_llama_cpp(qtype: str, run, tmp_path: P
     assert compared >= 6, f"llama.cpp wrote only {compared} {qtype} tensors"
     print(f"{qtype}: RMSE ratio athanor / llama.cpp = {(err_ours / err_theirs) ** 0.5:.4f} over {compared} tensors")
     assert err_ours <= err_theirs
+
+
+def test_llama_cpp_sees_the_chat_template(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """llama.cpp's chat takes its template and end-of-turn token from the GGUF metadata."""
+    from athanor.tokenizer import CHAT_TEMPLATE
+
+    run_dir, _ = train_tiny_run(tmp_path, tokenizer_dir, steps=0)
+    export_gguf(run_dir, tmp_path / "m.gguf", "Q8_0")
+    llm = _llama(tmp_path / "m.gguf")
+    try:
+        tok = Tokenizer.load(run_dir)
+        assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+        assert int(llm.metadata["tokenizer.ggml.eot_token_id"]) == tok.end_id
+        assert llm.token_bos() == tok.bos_id and llm.token_eos() == tok.eos_id
+    finally:
+        llm.close()

@@ -15,7 +15,8 @@ KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 def adversarial_rows(cols: int, rows: int = 24, seed: int = 0) -> np.ndarray:
     """Random rows plus the blocks that break naive quantizers: zeros, constants, lone outliers,
-    one-signed blocks, values already on a grid, ties for the largest magnitude, tiny values."""
+    one-signed blocks, values already on a grid, ties for the largest magnitude, tiny values,
+    denormals (whose reciprocal overflows to inf)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((rows, cols)).astype(np.float32)
     x[0] = 0
@@ -36,6 +37,12 @@ def adversarial_rows(cols: int, rows: int = 24, seed: int = 0) -> np.ndarray:
     x[12, 1::2] = 0.0  # min of -0.0 and 0.0 differ in sign, so gguf-py is not the C reference there)
     x[12, 3::32] = 1.0
     x[12, 7::32] = -1.0
+    x[17] = 1e-40                      # every value denormal
+    x[18, 64:96] = 0                   # a group of 16 (and of 32) whose only nonzero value is denormal
+    x[18, 70] = 1e-40
+    x[19] = 0
+    x[19, 5] = -1e-42                  # one negative denormal in zeros
+    x[20, 3] = 6e4                     # one huge value (near fp16's largest) among N(0, 1)
     return x
 
 
@@ -90,6 +97,19 @@ def test_kquant_bytes_dequantize_identically_under_gguf(name: str) -> None:
     assert np.all(back[0] == 0)                               # zeros stay zeros
     assert np.allclose(back[1], 3.0, rtol=1e-2)               # a constant survives every type
     assert np.allclose(back[2], -2.5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", [t for t in TYPES if t not in ("F32", "F16")])
+def test_every_type_dequantizes_adversarial_rows_to_finite_values(name: str) -> None:
+    """Denormal-only groups once gave the K-quants a NaN scale, so the whole 256-weight block came back
+    NaN; every type must give finite values and keep all-zero and denormal-only rows at zero."""
+    x = adversarial_rows(1024)
+    back = dequantize(quantize(torch.from_numpy(x), name), name, 1024)
+    assert torch.isfinite(back).all()
+    assert torch.all(back[[0, 17, 19]] == 0)
+    assert torch.allclose(back[18, 64:96], torch.zeros(32), atol=0.2)  # the denormal group's block is used
+    err = (back - torch.from_numpy(x)).abs().amax(1)
+    assert err[18] <= 1.5 * err[21]  # the rest of that block is quantized as well as a plain random row
 
 
 # Upper bounds on the RMSE of N(0, 1) weights: about what the bit budget allows (halving per bit).

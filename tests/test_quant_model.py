@@ -162,6 +162,7 @@ def test_cli_export_import_imatrix_and_clear_errors(run_with_text: tuple[Path, P
     assert r.returncode == 2 and "bad.gguf" in r.stderr and "Traceback" not in r.stderr
     r = athanor(str(run), "--types", "Q9_9")
     assert r.returncode == 2 and "unknown quantization type" in r.stderr
+    assert not (run / "quant").exists()  # nothing written for a command that failed
 
 
 @pytest.mark.slow
@@ -181,3 +182,55 @@ def test_cli_export_compile_writes_the_same_file(run_with_text: tuple[Path, Path
             assert r.returncode == 0, r.stderr
             files.append(out.read_bytes())
         assert files[0] == files[1]
+
+
+def test_the_8b_comparison_follows_the_numbers() -> None:
+    """The report once said the small model suffers more than an 8B one while its own KLD was 37x lower."""
+    from athanor.quant.scorecard import LLAMA3_8B_Q4_K_M_KLD, compare_with_8b
+
+    lower = compare_with_8b(LLAMA3_8B_Q4_K_M_KLD / 37)
+    assert "37.0x below" in lower and "suffers less" in lower and "suffers more" not in lower
+    higher = compare_with_8b(LLAMA3_8B_Q4_K_M_KLD * 4)
+    assert "4.0x above" in higher and "suffers more" in higher
+    assert "about the same" in compare_with_8b(LLAMA3_8B_Q4_K_M_KLD * 1.1)
+
+
+def test_scorecard_plot_shows_negative_perplexity_changes() -> None:
+    from athanor.quant.scorecard import damage_figure
+
+    rows = [{"type": "F32 (reference)", "bits/weight": 32.0, "mean KLD": 0.0, "ppl change %": 0.0, "mix": False},
+            {"type": "Q8_0", "bits/weight": 8.5, "mean KLD": 1e-4, "ppl change %": -0.8, "mix": False},
+            {"type": "Q2_K", "bits/weight": 2.6, "mean KLD": 0.3, "ppl change %": 12.0, "mix": False}]
+    fig = damage_figure(rows)
+    ppl_axis = fig.axes[1]
+    ys = sorted(float(c.get_offsets()[0][1]) for c in ppl_axis.collections)
+    assert ys == [-0.8, 12.0]
+    assert ppl_axis.get_ylim()[0] < -0.8
+
+
+@pytest.mark.slow
+def test_speedrun_scorecard_and_the_cli_default_do_not_collide(run_with_text: tuple[Path, Path],
+                                                                tmp_path: Path, tokenizer: object) -> None:
+    """`athanor quantize RUN` (default out RUN/quant) must leave the files the speedrun report embeds alone,
+    and refuse to replace its own earlier scorecard without --force."""
+    import shutil
+
+    from conftest import SMALL_CORPUS
+
+    from athanor.data.shards import build_shards
+    from athanor.quant.scorecard import speedrun_markdown
+
+    run = tmp_path / "run"
+    shutil.copytree(run_with_text[0], run)
+    build_shards(SMALL_CORPUS, tokenizer, run / "data", show_progress=False)
+    md = speedrun_markdown(run)
+    image = md.split("![damage vs size](", 1)[1].split(")", 1)[0]
+    embedded = {p: p.read_bytes() for p in (run / Path(image).parent).iterdir()}
+    assert (run / image).is_file() and "4,096 held-out tokens" in md and "not exp(that loss)" in md
+    cli = [sys.executable, "-m", "athanor", "quantize", str(run), "--types", "Q8_0", "--tokens", "256",
+           "--no-imatrix"]
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.read_bytes() for p in (run / Path(image).parent).iterdir()} == embedded
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr

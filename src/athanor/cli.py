@@ -143,17 +143,19 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
     if action == "import":
         from athanor.quant.gguf import import_gguf
 
-        out = import_gguf(path, args.out or Path(path).with_suffix(""))
+        out = import_gguf(path, args.out or Path(path).with_suffix(""), force=args.force)
         print(f"imported {path} -> {out}")
         return
     from athanor.quant.imatrix import calibration_tokens, collect_imatrix, load_imatrix, save_imatrix
 
     if action == "imatrix":
+        from athanor.io import refuse_to_overwrite
         from athanor.model.hf import load_pretrained
 
+        out = Path(args.out or Path(path) / "imatrix.safetensors")
+        refuse_to_overwrite(out, args.force)  # before the work, not after it
         tokens = calibration_tokens(path, args.tokens, "train", args.text)
         imatrix = collect_imatrix(load_pretrained(path), tokens)
-        out = Path(args.out or Path(path) / "imatrix.safetensors")
         save_imatrix(imatrix, out)
         print(f"importance matrix of {len(imatrix)} Linear layers from {len(tokens):,} tokens -> {out}")
         return
@@ -162,7 +164,7 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
         from athanor.quant.gguf import export_gguf
 
         out = Path(args.out or Path(path) / f"model-{args.type.upper()}.gguf")
-        info = export_gguf(path, out, args.type, imatrix, compile=args.compile)
+        info = export_gguf(path, out, args.type, imatrix, compile=args.compile, force=args.force)
         print(f"{info['scheme']}: {info['bytes'] / 1e6:.2f} MB -> {out}")
         return
     from athanor.quant.scorecard import ScorecardConfig, run_scorecard
@@ -171,7 +173,7 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
                           eval_tokens=args.tokens, imatrix_tokens=0 if (args.no_imatrix or imatrix) else 8192,
                           compile=args.compile)
     out = Path(args.out or Path(path) / "quant")
-    run_scorecard(path, out, cfg, text_file=args.text, imatrix=imatrix)
+    run_scorecard(path, out, cfg, text_file=args.text, imatrix=imatrix, force=args.force)
     print((out / "scorecard.md").read_text())
     print(f"scorecard -> {out / 'scorecard.md'} and {out / 'scorecard.png'}; GGUF files in {out}")
 
@@ -369,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Q3_K Q2_K TQ2_0 (ternary); mixes: Q5_K_M Q4_K_M Q3_K_M)")
     p.add_argument("--type", default="Q4_K_M", help="export: the type of the GGUF file (default Q4_K_M)")
     p.add_argument("--out", metavar="PATH", help="output file or directory (defaults inside the run directory)")
+    p.add_argument("--force", action="store_true",
+                   help="replace what is already at the output (a scorecard directory, GGUF or importance-matrix "
+                        "file, a non-empty run directory to import into); without it the command refuses")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix from `athanor quantize imatrix`")
     p.add_argument("--no-imatrix", action="store_true", help="scorecard: do not collect an importance matrix")
     p.add_argument("--text", metavar="FILE", help="text to evaluate (scorecard) or calibrate (imatrix) on, instead "

@@ -41,6 +41,7 @@ from athanor.quant import legacy
 
 MIN_BLOCKS = 64
 _HALF_BELOW = 0.49999997  # float32 0x3EFFFFFF, the largest float32 below 0.5 (see legacy.py)
+_INVERSE_OVERFLOWS = 2.0**-128  # 1/d is inf in float32 exactly for 0 <= d <= this (a denormal)
 _OPTIONS = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_unsafe_math_opt_flag": False}
 
 
@@ -50,7 +51,11 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 def _q8_0(x: torch.Tensor, divisor: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     d = x.abs().amax(1, keepdim=True) / divisor
-    inv = _inverse(d)
+    # Where 1/d overflows to inf (d <= 2**-128: zero or a denormal), the reference's codes are
+    # conversions of NaN and inf to int8, which come out 0 (C on x86, numpy, eager torch) but 0x80
+    # from inductor's vector conversion; an inverse of 0 gives those zeros (d is 0 in fp16, so
+    # the block reads 0 either way). The same one comparison as `_inverse`'s d == 0.
+    inv = torch.where(d <= _INVERSE_OVERFLOWS, torch.zeros_like(d), 1 / d)
     v = x * inv
     q = torch.trunc(v + torch.copysign(torch.full_like(v, _HALF_BELOW), v)).to(torch.int8)
     return (d.to(torch.float16), q), inv

