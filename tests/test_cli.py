@@ -13,9 +13,9 @@ from conftest import recipe_overrides
 from athanor.cli import build_parser
 
 
-def athanor(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "athanor", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+def athanor(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "athanor", *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
 
 
 def _commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -93,3 +93,28 @@ def test_pretrain_then_generate(tmp_path: Path, tokenizer_dir: Path) -> None:
     assert g.returncode == 0 and g.stdout.startswith("def ")
     assert g.stdout == athanor("generate", str(out), "--prompt", "def ", "--max-new-tokens", "12",
                                "--seed", "0").stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from serve_helpers import make_run_dir
+
+    return make_run_dir(tmp_path_factory.mktemp("tiny-run"), tokenizer_dir)  # a 128-token context
+
+
+def without_serve_extra(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`athanor ARGS` in a Python where fastapi and uvicorn cannot be imported, as without the serve extra."""
+    code = ("import sys; sys.modules.update(fastapi=None, uvicorn=None); from athanor.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_serve_and_demo_without_the_serve_extra_say_what_to_install(tiny_run: Path) -> None:
+    for command in ("serve", "demo"):
+        r = without_serve_extra(command, str(tiny_run))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        _fails_with_one_line(r, f"athanor {command}", "pip install", "[serve]")
+    chat = without_serve_extra("chat", str(tiny_run), "--max-tokens", "4", stdin="hi\n/quit\n")
+    assert chat.returncode == 0 and "assistant> " in chat.stdout, chat.stderr  # chat needs no HTTP server
+

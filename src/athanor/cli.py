@@ -91,10 +91,20 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         print(args.prompt + tok.decode(ids))
 
 
+SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")  # what `pip install 'athanor[serve]'` brings
+
+
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
-    from athanor.serve.server import serve
+    try:
+        from athanor.serve.server import serve
+    except ModuleNotFoundError as e:
+        # The HTTP server is an optional extra; `athanor chat` and `generate` run without it.
+        if e.name not in SERVE_EXTRA:
+            raise
+        raise AthanorError(f"`athanor {args.command}` needs the serve extra ({e.name} is not installed): "
+                           "pip install 'athanor[serve]' (in a clone: pip install -e '.[serve]')") from None
 
     if args.threads:
         import torch
