@@ -118,3 +118,24 @@ def test_serve_and_demo_without_the_serve_extra_say_what_to_install(tiny_run: Pa
     chat = without_serve_extra("chat", str(tiny_run), "--max-tokens", "4", stdin="hi\n/quit\n")
     assert chat.returncode == 0 and "assistant> " in chat.stdout, chat.stderr  # chat needs no HTTP server
 
+
+def test_generate_rejects_bad_settings_and_clamps_to_the_context(tiny_run: Path) -> None:
+    run = str(tiny_run)
+    _fails_with_one_line(athanor("generate", run, "--prompt", "x " * 400), "prompt", "context is 128")
+    _fails_with_one_line(athanor("generate", run, "--temperature", "-1"), "temperature", "-1")
+    _fails_with_one_line(athanor("generate", run, "--top-p", "0"), "top_p")
+    _fails_with_one_line(athanor("generate", run, "--max-new-tokens", "-3"), "max_tokens")
+    _fails_with_one_line(athanor("generate", run, "--num-samples", "0"), "num-samples")
+    # Too many new tokens is not an error: as on the server, generation ends where the context is full.
+    r = athanor("generate", run, "--max-new-tokens", "100000", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+
+
+def test_chat_checks_its_settings_before_the_first_message(tiny_run: Path) -> None:
+    _fails_with_one_line(athanor("chat", str(tiny_run), "--temperature", "3", stdin=""), "temperature")
+    # One message longer than the whole context is refused, and the chat goes on.
+    r = athanor("chat", str(tiny_run), "--max-tokens", "4", stdin="x " * 400 + "\nhello\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert "context is 128" in r.stdout and r.stdout.count("assistant> ") == 1
+
+

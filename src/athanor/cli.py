@@ -80,6 +80,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.serve.generate import generate
     from athanor.tokenizer import Tokenizer
 
+    if args.num_samples < 1:
+        raise AthanorError(f"--num-samples must be at least 1, got {args.num_samples}")
     model = load_pretrained(args.run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = Tokenizer.load(args.run_dir)
     prompt_ids = [tok.bos_id, *tok.encode(args.prompt)]
@@ -326,13 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained run directory",
                        description="Continue a prompt with a model from a run directory (or a Llama/Qwen2 "
                                    "checkpoint in the Hugging Face layout whose tokenizer.json has athanor's "
-                                   "special tokens; other tokenizers are not supported yet).")
+                                   "special tokens; other tokenizers are not supported yet). The prompt must "
+                                   "leave room in the model's context to generate into; the settings follow the "
+                                   "same rules as `athanor serve` (an out-of-range value is refused, not "
+                                   "adjusted).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample only from the k likeliest tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
+    p.add_argument("--max-new-tokens", "--max-tokens", type=int, default=128,
+                   help="tokens to generate at most (default 128); generation also stops where the model's "
+                        "context is full, as on the server, so a larger number just means 'to the end'")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="in [0, 2]: 0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample only from the k likeliest tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]; 1 = off (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
     p.set_defaults(func=cmd_generate)
@@ -351,12 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed as they are generated",
                        description="A terminal chat with a run directory's model, using its chat template. "
-                                   "/reset forgets the conversation, /quit or Ctrl-D leaves.")
+                                   "/reset forgets the conversation, /quit or Ctrl-D leaves. When the conversation "
+                                   "outgrows the model's context, the oldest exchanges are forgotten. Needs no "
+                                   "HTTP server (and not the serve extra).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 = off (default 0.95)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="in [0, 2]: 0 = greedy; higher = more random (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling threshold in (0, 1]; 1 = off (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="longest answer in tokens (default 256); an answer also ends where the context is full")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable answers")
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("quantize", help="quantize a model: damage scorecard, GGUF export/import, importance matrix",
