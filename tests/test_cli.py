@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_overrides
 
-from athanor.cli import build_parser
+from athanor.cli import build_parser, main
 
 
 def athanor(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -139,3 +139,37 @@ def test_chat_checks_its_settings_before_the_first_message(tiny_run: Path) -> No
     assert "context is 128" in r.stdout and r.stdout.count("assistant> ") == 1
 
 
+
+def _writer_args(command: str, tmp_path: Path) -> list[str]:
+    """Arguments (all but --out) for a small run of a command that writes a fresh directory."""
+    if command == "tokenizer train":
+        text = tmp_path / "notes.txt"
+        text.write_text("def add(a, b):\n    return a + b\n" * 50)
+        return ["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--quiet"]
+    if command == "synth tasks":
+        return ["synth", "tasks", "--train", "4", "--heldout", "2"]
+    from conftest import tiny_model_config
+
+    from athanor.model.hf import save_pretrained
+    from athanor.model.llama import LlamaModel
+    from athanor.model.lora import LoraConfig, apply_lora, save_adapter
+
+    model = LlamaModel(tiny_model_config())
+    save_pretrained(model, tmp_path / "base")
+    save_adapter(model, apply_lora(model, LoraConfig(r=2), seed=0), tmp_path / "adapter")
+    return ["lora", "merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+
+
+@pytest.mark.parametrize("command", ["tokenizer train", "synth tasks", "lora merge"])
+def test_writers_refuse_to_overwrite_without_force(command: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    args = _writer_args(command, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert main([*args, "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("athanor: error: ") and "--force" in err[0], err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    assert main([*args, "--out", str(out), "--force"]) == 0
+    assert len(list(out.iterdir())) > 1

@@ -44,8 +44,10 @@ def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], defaul
 def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.config import load_recipe
     from athanor.data.corpus import DataConfig, describe, is_held_out, iter_documents
+    from athanor.io import refuse_to_overwrite
     from athanor.tokenizer import Tokenizer, TokenizerConfig
 
+    refuse_to_overwrite(args.out, args.force)  # before the work, not after it
     data = load_recipe(DataConfig, None, [f"--paths={','.join(args.data)}"] if args.data else [])
     cfg = TokenizerConfig(vocab_size=args.vocab_size, max_train_chars=args.max_chars)
     docs = (d.text for d in iter_documents(data) if not is_held_out(d.id, data.val_fraction))
@@ -216,8 +218,9 @@ def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
     import json
 
     from athanor.data.synth import make_splits, verify_references, write_tasks
-    from athanor.io import atomic_write_text
+    from athanor.io import atomic_write_text, refuse_to_overwrite
 
+    refuse_to_overwrite(args.out, args.force)
     train, heldout, report = make_splits(args.train, args.heldout, args.seed, args.kinds.split(","))
     if args.verify:
         bad = verify_references(heldout)
@@ -255,10 +258,12 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.io import refuse_to_overwrite
     from athanor.model.hf import load_pretrained, save_pretrained
     from athanor.model.lora import load_adapter, merge_lora
     from athanor.tokenizer import Tokenizer
 
+    refuse_to_overwrite(args.out, args.force)
     model = load_pretrained(args.base)
     info = load_adapter(model, args.adapter)
     save_pretrained(merge_lora(model), args.out)
@@ -277,6 +282,12 @@ def cmd_synth_distill(args: argparse.Namespace, overrides: list[str]) -> None:
                      progress=None if args.quiet else lambda k, n: print(f"\raccepted {k}/{n}", end="", flush=True))
     print(f"\n{result['accepted']} accepted, {result['rejected']} rejected {result['rejected_by_reason']} "
           f"-> {result['output']}")
+
+
+def _add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace what is already in --out; without it a non-empty --out is refused, so "
+                        "nothing you made is overwritten by accident")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,10 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a GPT-2 style byte-level BPE on text (the Python stdlib by "
                                        "default) and save tokenizer.json + tokenizer_config.json (with the chat "
                                        "template) into --out, loadable by transformers' AutoTokenizer.")
-    p.add_argument("--data", nargs="*", metavar="PATH", help="text files, directories, globs, .jsonl or .parquet")
+    p.add_argument("--data", nargs="*", metavar="PATH",
+                   help="text files, directories, globs, .jsonl or .parquet (default: the Python standard library)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary (default 4096)")
-    p.add_argument("--max-chars", type=int, default=6_000_000, help="characters of text to learn merges from")
+    p.add_argument("--max-chars", type=int, default=6_000_000,
+                   help="characters of text to learn merges from (default 6,000,000)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the tokenizer into")
+    _add_force_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tokenizer_train)
 
@@ -431,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "`athanor sft`) and overlap.json, the proof that the splits share no "
                                          "exact or near-duplicate item (word 3-gram Jaccard).")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the splits into")
+    _add_force_arg(p)
     p.add_argument("--train", type=int, default=3000, help="training tasks (default 3000)")
     p.add_argument("--heldout", type=int, default=200, help="held-out tasks (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same tasks)")
@@ -468,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "measures on held-out tasks how often the model answers (closes its turn) "
                                    "and how often the answer is right. Writes a run directory (the model in "
                                    "the HF layout, eval.json; with --lora also adapter/ in the PEFT layout). "
-                                   "\n\n" + overrides_help("data, lora, train (defaults in athanor/train/sft.py)",
-                                                                   "--train.max_steps=300 --lora.r=16"),
+                                   "Re-running on the same --out resumes from the newest checkpoint.\n\n"
+                                   + overrides_help("data, lora, train (defaults in athanor/train/sft.py)",
+                                                    "--train.max_steps=300 --lora.r=16"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(p)
     p.add_argument("--base", metavar="DIR", help="the model to fine-tune (athanor run dir or HF checkpoint)")
@@ -490,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, metavar="DIR", help="base model directory")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    _add_force_arg(p)
     p.set_defaults(func=cmd_lora_merge)
     return parser
 
