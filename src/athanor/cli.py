@@ -134,7 +134,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (KV cache slots)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together at most (KV cache slots; default 8)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
                         "on a busy machine)")
@@ -293,9 +294,10 @@ def _add_force_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
-        description="The whole life of a language model: tokenizer, pre-training, generation. "
-                    "Start with `athanor speedrun`: it runs every stage on the embedded default corpus "
-                    "(the Python standard library) and writes a report.",
+        description="The whole life of a language model: tokenizer, pre-training, generation, fine-tuning "
+                    "(SFT, LoRA), serving and quantization. Start with `athanor speedrun`: it runs every stage on "
+                    "the embedded default corpus (the Python standard library) and writes a report.",
+        epilog="`athanor COMMAND --help` explains each command and its options.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -357,19 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample only from the k likeliest tokens; 0 = off (default 50)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]; 1 = off (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
-    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
+    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default 1)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and the demo page)",
                        description="Start an HTTP server for a run directory: /v1/completions, "
                                    "/v1/chat/completions (streaming, logprobs, n, stop, seed), /v1/models, "
                                    "/health, /metrics (Prometheus) and the next-token demo page at /. Requests "
-                                   "are batched continuously; shared prompt prefixes reuse their KV cache.")
+                                   "are batched continuously; shared prompt prefixes reuse their KV cache. Needs "
+                                   "the serve extra: pip install 'athanor[serve]'.")
     _add_serve_args(p)
     p = sub.add_parser("demo", help="the next-token demo page: watch the distribution as you type",
                        description="Serve the interactive next-token page (and the API) for a run directory; "
                                    "open the printed address in a browser. Add ?embed=1 for a compact view "
-                                   "to put in an iframe.")
+                                   "to put in an iframe. Needs the serve extra: pip install 'athanor[serve]'.")
     _add_serve_args(p)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed as they are generated",
