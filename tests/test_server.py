@@ -160,6 +160,21 @@ def test_errors_are_openai_shaped(server: str, client: openai.OpenAI) -> None:
     assert get_json(server + "/health")["status"] == "ok"
 
 
+
+def test_generate_and_the_server_refuse_bad_settings_in_the_same_words(client: openai.OpenAI, run_dir: Path) -> None:
+    """`athanor generate` and the server share one set of rules, so both refuse each of these alike."""
+    long = "x " * 3000
+    for cli_args, fields in [(["--prompt", long], {"prompt": long}), (["--temperature", "-1"], {"temperature": -1}),
+                             (["--temperature", "9"], {"temperature": 9}), (["--max-new-tokens", "-3"],
+                                                                            {"max_tokens": -3})]:
+        r = subprocess.run([sys.executable, "-m", "athanor", "generate", str(run_dir), *cli_args],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="x", **{"prompt": "a", "max_tokens": 4, **fields})
+        assert e.value.status_code == 400
+        assert r.stderr.strip().splitlines()[-1] == f"athanor: error: {e.value.body['message']}"
+
 def test_dropped_stream_frees_its_slot(server: str, client: openai.OpenAI) -> None:
     before = metric(get_text(server + "/metrics")[0], "athanor_requests_cancelled_total")
     stream = client.completions.create(model="x", prompt="def ", max_tokens=1000, temperature=1.0, stream=True,

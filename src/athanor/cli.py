@@ -44,8 +44,10 @@ def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], defaul
 def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.config import load_recipe
     from athanor.data.corpus import DataConfig, describe, is_held_out, iter_documents
+    from athanor.io import refuse_to_overwrite
     from athanor.tokenizer import Tokenizer, TokenizerConfig
 
+    refuse_to_overwrite(args.out, args.force)  # before the work, not after it
     data = load_recipe(DataConfig, None, [f"--paths={','.join(args.data)}"] if args.data else [])
     cfg = TokenizerConfig(vocab_size=args.vocab_size, max_train_chars=args.max_chars)
     docs = (d.text for d in iter_documents(data) if not is_held_out(d.id, data.val_fraction))
@@ -80,6 +82,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.serve.generate import generate
     from athanor.tokenizer import Tokenizer
 
+    if args.num_samples < 1:
+        raise AthanorError(f"--num-samples must be at least 1, got {args.num_samples}")
     model = load_pretrained(args.run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     tok = Tokenizer.load(args.run_dir)
     prompt_ids = [tok.bos_id, *tok.encode(args.prompt)]
@@ -91,10 +95,20 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         print(args.prompt + tok.decode(ids))
 
 
+SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")  # what `pip install 'athanor[serve]'` brings
+
+
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
-    from athanor.serve.server import serve
+    try:
+        from athanor.serve.server import serve
+    except ModuleNotFoundError as e:
+        # The HTTP server is an optional extra; `athanor chat` and `generate` run without it.
+        if e.name not in SERVE_EXTRA:
+            raise
+        raise AthanorError(f"`athanor {args.command}` needs the serve extra ({e.name} is not installed): "
+                           "pip install 'athanor[serve]' (in a clone: pip install -e '.[serve]')") from None
 
     if args.threads:
         import torch
@@ -120,7 +134,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (KV cache slots)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together at most (KV cache slots; default 8)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models "
                         "on a busy machine)")
@@ -206,8 +221,9 @@ def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
     import json
 
     from athanor.data.synth import make_splits, verify_references, write_tasks
-    from athanor.io import atomic_write_text
+    from athanor.io import atomic_write_text, refuse_to_overwrite
 
+    refuse_to_overwrite(args.out, args.force)
     train, heldout, report = make_splits(args.train, args.heldout, args.seed, args.kinds.split(","))
     if args.verify:
         bad = verify_references(heldout)
@@ -245,10 +261,12 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.io import refuse_to_overwrite
     from athanor.model.hf import load_pretrained, save_pretrained
     from athanor.model.lora import load_adapter, merge_lora
     from athanor.tokenizer import Tokenizer
 
+    refuse_to_overwrite(args.out, args.force)
     model = load_pretrained(args.base)
     info = load_adapter(model, args.adapter)
     save_pretrained(merge_lora(model), args.out)
@@ -269,12 +287,19 @@ def cmd_synth_distill(args: argparse.Namespace, overrides: list[str]) -> None:
           f"-> {result['output']}")
 
 
+def _add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace what is already in --out; without it a non-empty --out is refused, so "
+                        "nothing you made is overwritten by accident")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="athanor",
-        description="The whole life of a language model: tokenizer, pre-training, generation. "
-                    "Start with `athanor speedrun`: it runs every stage on the embedded default corpus "
-                    "(the Python standard library) and writes a report.",
+        description="The whole life of a language model: tokenizer, pre-training, generation, fine-tuning "
+                    "(SFT, LoRA), serving and quantization. Start with `athanor speedrun`: it runs every stage on "
+                    "the embedded default corpus (the Python standard library) and writes a report.",
+        epilog="`athanor COMMAND --help` explains each command and its options.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -298,10 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a GPT-2 style byte-level BPE on text (the Python stdlib by "
                                        "default) and save tokenizer.json + tokenizer_config.json (with the chat "
                                        "template) into --out, loadable by transformers' AutoTokenizer.")
-    p.add_argument("--data", nargs="*", metavar="PATH", help="text files, directories, globs, .jsonl or .parquet")
+    p.add_argument("--data", nargs="*", metavar="PATH",
+                   help="text files, directories, globs, .jsonl or .parquet (default: the Python standard library)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary (default 4096)")
-    p.add_argument("--max-chars", type=int, default=6_000_000, help="characters of text to learn merges from")
+    p.add_argument("--max-chars", type=int, default=6_000_000,
+                   help="characters of text to learn merges from (default 6,000,000)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the tokenizer into")
+    _add_force_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tokenizer_train)
 
@@ -318,37 +346,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a trained run directory",
                        description="Continue a prompt with a model from a run directory (or a Llama/Qwen2 "
                                    "checkpoint in the Hugging Face layout whose tokenizer.json has athanor's "
-                                   "special tokens; other tokenizers are not supported yet).")
+                                   "special tokens; other tokenizers are not supported yet). The prompt must "
+                                   "leave room in the model's context to generate into; the settings follow the "
+                                   "same rules as `athanor serve` (an out-of-range value is refused, not "
+                                   "adjusted).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample only from the k likeliest tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
+    p.add_argument("--max-new-tokens", "--max-tokens", type=int, default=128,
+                   help="tokens to generate at most (default 128); generation also stops where the model's "
+                        "context is full, as on the server, so a larger number just means 'to the end'")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="in [0, 2]: 0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample only from the k likeliest tokens; 0 = off (default 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]; 1 = off (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
-    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
+    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print (default 1)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and the demo page)",
                        description="Start an HTTP server for a run directory: /v1/completions, "
                                    "/v1/chat/completions (streaming, logprobs, n, stop, seed), /v1/models, "
                                    "/health, /metrics (Prometheus) and the next-token demo page at /. Requests "
-                                   "are batched continuously; shared prompt prefixes reuse their KV cache.")
+                                   "are batched continuously; shared prompt prefixes reuse their KV cache. Needs "
+                                   "the serve extra: pip install 'athanor[serve]'.")
     _add_serve_args(p)
     p = sub.add_parser("demo", help="the next-token demo page: watch the distribution as you type",
                        description="Serve the interactive next-token page (and the API) for a run directory; "
                                    "open the printed address in a browser. Add ?embed=1 for a compact view "
-                                   "to put in an iframe.")
+                                   "to put in an iframe. Needs the serve extra: pip install 'athanor[serve]'.")
     _add_serve_args(p)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal, answers streamed as they are generated",
                        description="A terminal chat with a run directory's model, using its chat template. "
-                                   "/reset forgets the conversation, /quit or Ctrl-D leaves.")
+                                   "/reset forgets the conversation, /quit or Ctrl-D leaves. When the conversation "
+                                   "outgrows the model's context, the oldest exchanges are forgotten. Needs no "
+                                   "HTTP server (and not the serve extra).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="directory with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy; higher = more random (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold; 1 = off (default 0.95)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="in [0, 2]: 0 = greedy; higher = more random (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling threshold in (0, 1]; 1 = off (default 0.95)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="longest answer in tokens (default 256); an answer also ends where the context is full")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable answers")
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("quantize", help="quantize a model: damage scorecard, GGUF export/import, importance matrix",
@@ -412,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "`athanor sft`) and overlap.json, the proof that the splits share no "
                                          "exact or near-duplicate item (word 3-gram Jaccard).")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the splits into")
+    _add_force_arg(p)
     p.add_argument("--train", type=int, default=3000, help="training tasks (default 3000)")
     p.add_argument("--heldout", type=int, default=200, help="held-out tasks (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same tasks)")
@@ -449,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "measures on held-out tasks how often the model answers (closes its turn) "
                                    "and how often the answer is right. Writes a run directory (the model in "
                                    "the HF layout, eval.json; with --lora also adapter/ in the PEFT layout). "
-                                   "\n\n" + overrides_help("data, lora, train (defaults in athanor/train/sft.py)",
-                                                                   "--train.max_steps=300 --lora.r=16"),
+                                   "Re-running on the same --out resumes from the newest checkpoint.\n\n"
+                                   + overrides_help("data, lora, train (defaults in athanor/train/sft.py)",
+                                                    "--train.max_steps=300 --lora.r=16"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(p)
     p.add_argument("--base", metavar="DIR", help="the model to fine-tune (athanor run dir or HF checkpoint)")
@@ -471,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, metavar="DIR", help="base model directory")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
+    _add_force_arg(p)
     p.set_defaults(func=cmd_lora_merge)
     return parser
 

@@ -99,6 +99,9 @@ class LocalTeacher:
         from athanor.serve.generate import generate
 
         ids, _ = self.tok.render_chat(messages, add_generation_prompt=True)
+        # A teacher with a small context (a local run dir) sees the newest part of a long prompt rather
+        # than refusing it: generate() itself, like the server, refuses a prompt that does not fit.
+        ids = ids[-(self.model.config.max_position_embeddings - 1):]
         self.calls += 1
         out = generate(self.model, ids, max_tokens, temperature=temperature, top_k=50, seed=self.seed + self.calls,
                        stop_ids=[self.tok.end_id, self.tok.eos_id, *self.tok.role_ids.values()])

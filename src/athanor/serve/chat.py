@@ -9,6 +9,7 @@ from typing import TextIO
 
 import torch
 
+from athanor.errors import AthanorError
 from athanor.model.hf import load_pretrained
 from athanor.serve.engine import Engine
 from athanor.serve.sampling import SamplingParams
@@ -23,6 +24,9 @@ def chat(run_dir: str | Path, system: str | None = None, temperature: float = 0.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = Tokenizer.load(run_dir)
     engine = Engine(load_pretrained(run_dir, device=device), max_batch=1, decode=tok.decode)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            stop_ids=[tok.end_id, tok.eos_id, tok.bos_id])
+    params.validate(engine.vocab_size)  # bad settings fail now, not after the first message
     head = [{"role": "system", "content": system}] if system else []
     turns: list[dict[str, str]] = []
     out.write(HELP + "\n")
@@ -44,16 +48,19 @@ def chat(run_dir: str | Path, system: str | None = None, temperature: float = 0.
         while len(ids) >= engine.max_len - 1 and len(turns) > 1:  # forget the oldest exchange
             turns = turns[2:]
             ids, _ = tok.render_chat(head + turns, add_generation_prompt=True)
-        out.write("assistant> ")
-        out.flush()
 
         def show(event, out: TextIO = out) -> None:
             out.write(event.text)
             out.flush()
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop_ids=[tok.end_id, tok.eos_id, tok.bos_id])
-        req = engine.submit(ids[-(engine.max_len - 1):], params, on_event=show)
+        try:
+            req = engine.submit(ids, params, on_event=show)
+        except AthanorError as e:  # this message alone does not fit the context: say so and go on
+            out.write(f"athanor: error: {e}; the message was not sent\n")
+            turns.pop()
+            continue
+        out.write("assistant> ")
+        out.flush()
         while not req.done:
             engine.step()
         out.write("\n")

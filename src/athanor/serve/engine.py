@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.fast import fast_forward
+from athanor.serve.rules import check_request
 from athanor.serve.sampling import SamplingParams, apply_penalties, greedy_ids, sample_next
 
 
@@ -129,16 +129,9 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                on_event: Callable[[Event], None] | None = None) -> Request:
-        """Queue a request; raises AthanorError for a prompt that cannot fit or bad parameters."""
-        params.validate(self.vocab_size)
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise AthanorError("the prompt is empty", field="prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise AthanorError("prompt token ids must be in the vocabulary", field="prompt")
-        if len(prompt) >= self.max_len:
-            raise AthanorError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_len} "
-                               f"(at least one position must remain to generate)", field="prompt")
+        """Queue a request; raises AthanorError for a prompt that cannot fit or bad parameters
+        (the rules of `athanor.serve.rules`)."""
+        prompt = check_request(prompt_ids, params, self.vocab_size, self.max_len)
         req = Request(next(self._ids), prompt, params, on_event, t_submit=time.perf_counter())
         if params.seed is not None:
             req._generator = torch.Generator(device=self.device)

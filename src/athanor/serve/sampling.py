@@ -33,22 +33,26 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI's echo + logprobs)
 
     def validate(self, vocab_size: int) -> None:
+        """The bounds of the OpenAI API (temperature in [0, 2], ...), for every caller alike."""
         checks = [
-            (self.max_tokens >= 0, "max_tokens", "must be >= 0"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
-            (self.top_k >= 0, "top_k", "must be >= 0"),
-            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (all(0 <= t < vocab_size for t in self.logit_bias), "logit_bias", "token ids must be in the vocabulary"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
+            ("max_tokens", self.max_tokens >= 0, "must be >= 0"),
+            ("temperature", 0 <= self.temperature <= 2, "must be in [0, 2] (0 = greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
         ]
-        for ok, name, why in checks:
+        for name, ok, why in checks:
             if not ok:
-                raise AthanorError(f"{name} {why}", field=name)
+                raise AthanorError(f"{why}, got {getattr(self, name)!r}", field=name)
+        bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise AthanorError(f"token ids must be in the vocabulary [0, {vocab_size}), got {bad[0]}",
+                               field="logit_bias")
 
     @property
     def needs_counts(self) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -307,8 +308,6 @@ def build(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None, f
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **kw: Any) -> None:
-    import uvicorn
-
     app = build(run_dir, **kw)
     print(f"athanor: serving {run_dir} on http://{host}:{port} (demo at /, OpenAI API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
