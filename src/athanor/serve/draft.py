@@ -168,7 +168,7 @@ def distill_draft(target: LlamaModel, run_dir: str | Path, out_dir: str | Path, 
         draft = LlamaModel(mc)
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = DistillStage(data, held_out, train_cfg.batch_size, cfg.seed, info.rank, info.world)
-        trainer = Trainer(draft, stage, train_cfg, out_dir, info, show_progress)
+        trainer = Trainer(draft, stage, train_cfg, out_dir, info, show_progress, name="draft")
         t1 = time.perf_counter()
         final = trainer.fit() or trainer.evaluate()
         train_s = time.perf_counter() - t1

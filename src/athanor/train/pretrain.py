@@ -156,7 +156,8 @@ def pretrain(recipe: PretrainRecipe, show_progress: bool = True) -> dict[str, An
         windows = TokenWindows(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
         held_out = HeldOutMetrics(open_tokens(out_dir / "data", "val"), train_tokens, tok, cfg.seq_len,
                                   cfg.batch_size, cfg.eval_tokens)
-        trainer = Trainer(model, PretrainStage(windows, held_out), cfg, out_dir, info, show_progress)
+        trainer = Trainer(model, PretrainStage(windows, held_out), cfg, out_dir, info, show_progress,
+                          name="pretrain")
         t1 = time.perf_counter()
         final = trainer.fit() or trainer.evaluate()
         timings["train_s"] = time.perf_counter() - t1

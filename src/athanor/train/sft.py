@@ -264,7 +264,7 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
                                   target_modules=lc.target_modules or None)
             lora_info = apply_lora(model, lora_cfg, seed=cfg.seed)
         stage = SFTStage(rows, held_rows, cfg.batch_size, cfg.seed, info.rank, info.world)
-        trainer = Trainer(model, stage, cfg, out_dir, info, show_progress)
+        trainer = Trainer(model, stage, cfg, out_dir, info, show_progress, name="sft")
         t = time.perf_counter()
         final = trainer.fit() or (trainer.evaluate() if held_rows is not None else {})
         timings["train_s"] = time.perf_counter() - t
