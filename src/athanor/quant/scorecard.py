@@ -193,9 +193,10 @@ def plot_scorecard(rows: list[dict[str, Any]], out_png: str | Path) -> None:
     plt.close(fig)
 
 
-def speedrun_markdown(run_dir: str | Path) -> str:
-    """The speedrun's scorecard section: a small, fast scorecard and what to read from it."""
-    cfg = ScorecardConfig(types=("Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K", "Q2_K"), eval_tokens=4096,
+def speedrun_markdown(run_dir: str | Path, cfg: ScorecardConfig | None = None) -> str:
+    """The speedrun's scorecard section: a small, fast scorecard and what to read from it. `cfg`
+    (the speedrun's `--quant.*` knobs) must score Q8_0, Q4_K_M, Q4_0 and Q2_K, which it compares."""
+    cfg = cfg or ScorecardConfig(types=("Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K", "Q2_K"), eval_tokens=4096,
                           imatrix_tokens=4096, answer_tokens=24)
     out = Path(run_dir) / "quant"
     rows = run_scorecard(run_dir, out, cfg)
