@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from athanor.config import load_recipe, to_dict
+from athanor.errors import AthanorError
+from athanor.speedrun import SpeedrunRecipe
+from athanor.train.pretrain import PretrainRecipe
+
+RECIPE = Path(__file__).parent.parent / "recipes" / "speedrun.yaml"
 
 # Every stage's size knob, turned down (recipes/speedrun.yaml lists them with their defaults).
 SMALL = ["--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=20", "--train.eval_tokens=32768",
@@ -32,6 +37,21 @@ def _timing_row(report: str, stage: str) -> str:
     return next(line for line in report.splitlines() if line.startswith(f"| {stage}"))
 
 
+def test_recipe_lists_every_stage_knob_with_todays_default(tmp_path: Path) -> None:
+    """recipes/speedrun.yaml: pre-training's keys live (`athanor pretrain` takes the file too), each
+    later stage's knobs commented out with their defaults; uncommented, the speedrun takes them."""
+    load_recipe(PretrainRecipe, RECIPE, [])
+    text = RECIPE.read_text()
+    stages = text[text.index("\n# samples:") + 1:]
+    (tmp_path / "mine.yaml").write_text(text + "".join(line[2:] + "\n" for line in stages.splitlines()))
+    recipe = load_recipe(SpeedrunRecipe, tmp_path / "mine.yaml", [])
+    assert to_dict(recipe) == to_dict(SpeedrunRecipe()) == to_dict(load_recipe(SpeedrunRecipe, RECIPE, []))
+    assert {"samples", "sft", "draft", "serving", "quant"} <= set(to_dict(recipe))
+    with pytest.raises(AthanorError, match="unknown recipe key 'draft.stepz'"):
+        load_recipe(SpeedrunRecipe, None, ["--draft.stepz=5"])
+
+
+@pytest.mark.slow
 def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     out = tmp_path / "speedrun"
     r = _speedrun(out)
