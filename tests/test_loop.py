@@ -148,3 +148,29 @@ def test_fresh_start_drops_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
     assert [p.name for p in ck.paths()] == ["step_00000002.pt"]  # not the first run's step 4
     again = _trainer(tmp_path, [(x, x)], max_steps=3, ckpt_every=2)
     assert again.try_resume() and again.step == 2
+
+
+def test_resume_removes_a_killed_runs_leftovers_and_prunes(tmp_path: Path) -> None:
+    """What a SIGKILL leaves (tests/test_resume_kill.py makes it for real): a half-written hidden
+    temporary, and one checkpoint over `keep_checkpoints` when the kill fell between a save and its
+    pruning. The resumed run removes both, even when it has no step left to train."""
+    x = torch.randint(0, 512, (2, 8))
+    _trainer(tmp_path, [(x, x)], max_steps=2, ckpt_every=1, keep_checkpoints=2).fit()
+    ck = Checkpoints(tmp_path, keep=0)  # keep=0: this save prunes nothing, like a kill right after it
+    ck.save({**ck.load_latest(), "step": 3}, 3)
+    leftover = ck.dir / ".step_00000004.pt.k1ll3d.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    resumed = _trainer(tmp_path, [(x, x)], max_steps=3, ckpt_every=1, keep_checkpoints=2)
+    resumed.fit()
+    assert resumed.resumed_from == 3
+    assert [p.name for p in ck.paths()] == ["step_00000002.pt", "step_00000003.pt"]
+    assert not leftover.exists()
+
+
+def test_next_save_removes_a_half_written_checkpoint(tmp_path: Path) -> None:
+    ck = Checkpoints(tmp_path, keep=2)
+    ck.save({"step": 1}, 1)
+    leftover = ck.dir / ".step_00000002.pt.k1ll3d.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    ck.save({"step": 2}, 2)
+    assert not leftover.exists() and [p.name for p in ck.paths()] == ["step_00000001.pt", "step_00000002.pt"]

@@ -77,3 +77,5 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_latest(tmp_path: Path, t
     # And the run resumes from it and finishes.
     subprocess.run([*cmd, f"--train.max_steps={latest['step'] + 2}"], check=True, env=ENV, timeout=600)
     assert (out / "model.safetensors").is_file()
+    # ...and leaves neither the killed write's temporary nor more than keep_checkpoints behind.
+    assert not list(ck.glob(".step_*")) and len(list(ck.glob("step_*.pt"))) == 2

@@ -1,28 +1,104 @@
-"""The speedrun end to end, shortened: every stage runs and the report says what it should."""
+"""The speedrun end to end, every stage turned down by its size knob: the report says what it should,
+the console names each stage, and a rerun's report says what it reused."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from athanor.config import load_recipe, to_dict
+from athanor.errors import AthanorError
+from athanor.speedrun import SpeedrunRecipe
+from athanor.train.pretrain import PretrainRecipe
+
+RECIPE = Path(__file__).parent.parent / "recipes" / "speedrun.yaml"
+
+# Every stage's size knob, turned down (recipes/speedrun.yaml lists them with their defaults).
+SMALL = ["--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=20", "--train.eval_tokens=32768",
+         "--samples.max_tokens=16", "--sft.heldout_tasks=40",
+         "--draft.steps=30", "--draft.prompts=64", "--draft.new_tokens=32", "--draft.held_out_prompts=8",
+         "--serving.max_tokens=16", "--serving.speculative_prompts=2",
+         "--quant.types=Q8_0,Q4_K_M,Q4_0,Q2_K", "--quant.eval_tokens=512", "--quant.imatrix_tokens=512",
+         "--quant.answer_tokens=8"]
+HANG_GUARD_S = 3600  # far above any normal run: the test must never pass or fail on time
 
 
-def test_short_speedrun_writes_a_report_that_beats_unigram(tmp_path: Path) -> None:
-    out = tmp_path / "speedrun"
-    r = subprocess.run([sys.executable, "-m", "athanor", "speedrun", "--quiet", "--out", str(out),
-                        "--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=20"],
-                       capture_output=True, text=True, timeout=900)
+def _speedrun(out: Path) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "athanor", "speedrun", "--out", str(out), *SMALL],
+                       capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _timing_row(report: str, stage: str) -> str:
+    return next(line for line in report.splitlines() if line.startswith(f"| {stage}"))
+
+
+def test_recipe_lists_every_stage_knob_with_todays_default(tmp_path: Path) -> None:
+    """recipes/speedrun.yaml: pre-training's keys live (`athanor pretrain` takes the file too), each
+    later stage's knobs commented out with their defaults; uncommented, the speedrun takes them."""
+    load_recipe(PretrainRecipe, RECIPE, [])
+    text = RECIPE.read_text()
+    stages = text[text.index("\n# samples:") + 1:]
+    (tmp_path / "mine.yaml").write_text(text + "".join(line[2:] + "\n" for line in stages.splitlines()))
+    recipe = load_recipe(SpeedrunRecipe, tmp_path / "mine.yaml", [])
+    assert to_dict(recipe) == to_dict(SpeedrunRecipe()) == to_dict(load_recipe(SpeedrunRecipe, RECIPE, []))
+    assert {"samples", "sft", "draft", "serving", "quant"} <= set(to_dict(recipe))
+    with pytest.raises(AthanorError, match="unknown recipe key 'draft.stepz'"):
+        load_recipe(SpeedrunRecipe, None, ["--draft.stepz=5"])
+
+
+@pytest.mark.slow
+def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
+    out = tmp_path / "speedrun"
+    r = _speedrun(out)
     report = (out / "report.md").read_text()
-    for heading in ["## Held-out result", "## Stages and timings", "## Loss curve", "## Samples", "## Serving",
-                    "## Settings"]:
+    for heading in ["## Held-out result", "## The models this run made", "## Stages and timings", "## Loss curve",
+                    "## Samples", "## Post-training: SFT", "## Serving", "## Quantization", "## Settings"]:
         assert heading in report
     result = json.loads((out / "eval.json").read_text())
     assert result["val_bpb"] < 0.9 * result["unigram_bpb"]
     assert f"{result['val_bpb']:.3f}" in report and f"{result['unigram_bpb']:.3f}" in report
+    assert f"measured on {result['val_tokens']:,} held-out tokens" in report and result["val_tokens"] <= 32768
     assert (out / "loss.png").stat().st_size > 10_000
     sft = json.loads((out / "sft" / "eval.json").read_text())["behavior"]  # post-training stage
-    assert "## Post-training: SFT" in report and sft["sft"]["answer_rate"] > sft["base"]["answer_rate"] + 0.5
+    assert sft["sft"]["answer_rate"] > sft["base"]["answer_rate"] + 0.5 and sft["sft"]["tasks"] == 40
+
+    # The newcomer's path: which directory chats, how, and every stage's loss curve.
+    assert f"athanor chat {out / 'sft'}" in report and f"athanor serve {out / 'sft'}" in report
+    for plot in ["sft/loss.png", "draft/loss.png"]:
+        assert f"({plot})" in report and (out / plot).stat().st_size > 10_000
+
+    # The knobs reached their stages.
+    assert json.loads((out / "draft" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
+    scorecard = next(out.rglob("scorecard.json"))
+    assert [row["type"] for row in json.loads(scorecard.read_text())["rows"]][-4:] == \
+        ["Q8_0", "Q4_K_M", "Q4_0", "Q2_K"]
+
+    # The console: one line per stage as it starts, bars and evaluation lines named after their stage,
+    # and the headline numbers at the end.
+    for n, stage in enumerate(["pre-training", "samples", "SFT", "serving", "quantization"], start=1):
+        assert re.search(rf"^\[{n}/5\] {stage}", r.stdout, re.M), r.stdout
+    assert "pretrain step 40: val_loss" in r.stdout
+    for bar in ["pretrain", "sft", "draft teacher", "draft"]:
+        assert re.search(rf"(^|\r){bar}: +\d+%", r.stderr, re.M), bar
+    assert not re.search(r"(^|\r)train: ", r.stderr, re.M)  # no anonymous bar left
+    tail = r.stdout.strip().splitlines()[-4:]
+    assert tail[0].startswith(f"held-out: {result['val_bpb']:.3f} bits/byte vs {result['unigram_bpb']:.3f}")
+    assert tail[1].startswith(f"SFT: answers {sft['sft']['answer_rate']:.0%}")
+    assert tail[2].startswith("serving: ") and "tok/s" in tail[2]
+    assert tail[3] == f"report: {out / 'report.md'}"
+    for row in ["tokenizer", "token shards", "pre-training", "Post-training"]:
+        assert "reused" not in _timing_row(report, row)
+
+    # A rerun resumes what is done; its report says so instead of passing this run's seconds off as
+    # the stages' cost.
+    _speedrun(out)
+    rerun = (out / "report.md").read_text()
+    assert "reused: made by an earlier run" in _timing_row(rerun, "tokenizer")
+    assert "reused: made by an earlier run" in _timing_row(rerun, "token shards")
+    assert "an earlier run trained all 80 steps" in _timing_row(rerun, "pre-training")
+    assert "an earlier run trained all 40 steps" in _timing_row(rerun, "Post-training")

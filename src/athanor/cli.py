@@ -29,11 +29,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], default_out: str) -> PretrainRecipe:
+def _load_pretrain_recipe(args: argparse.Namespace, overrides: list[str], default_out: str,
+                          cls: type[PretrainRecipe] | None = None) -> PretrainRecipe:
+    """`cls`: a recipe with more sections than pre-training's (the speedrun's)."""
     from athanor.config import load_recipe
     from athanor.train.pretrain import PretrainRecipe
 
-    recipe = load_recipe(PretrainRecipe, args.recipe, overrides)
+    recipe = load_recipe(cls or PretrainRecipe, args.recipe, overrides)
     if args.out:
         recipe.out_dir = args.out
     elif recipe.out_dir == PretrainRecipe().out_dir:  # not set by the recipe file or an override
@@ -66,9 +68,9 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_speedrun(args: argparse.Namespace, overrides: list[str]) -> None:
-    from athanor.speedrun import speedrun
+    from athanor.speedrun import SpeedrunRecipe, speedrun
 
-    recipe = _load_pretrain_recipe(args, overrides, "runs/speedrun")
+    recipe = _load_pretrain_recipe(args, overrides, "runs/speedrun", SpeedrunRecipe)
     report = speedrun(recipe, show_progress=not args.quiet)
     print(f"report: {report}")
 
@@ -309,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from it, fine-tune it on synthetic tasks (SFT), measure serving (TTFT, decode, "
                                    "speculative decoding) and quantization damage, and write "
                                    "runs/speedrun/report.md. About 7 minutes on 2 CPU cores. "
-                                   "A run directory that already holds checkpoints is resumed.\n\n" + OVERRIDES_HELP,
+                                   "A run directory that already holds checkpoints is resumed. Each later stage has "
+                                   "its size knobs in sections samples, sft, draft, serving and quant "
+                                   "(--draft.steps=100).\n\n" + OVERRIDES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_args(p)
     p.set_defaults(func=cmd_speedrun)

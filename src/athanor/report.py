@@ -47,3 +47,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def resume_note(resumed_from: int, steps: int) -> str:
+    """What a timings row should say about a training stage this run resumed rather than ran whole:
+    its seconds are this run's, which are not the stage's cost when an earlier run did the work."""
+    if resumed_from <= 0:
+        return ""
+    if resumed_from >= steps:
+        return f"reused: an earlier run trained all {steps} steps; this run only loaded and evaluated it"
+    return f"resumed from step {resumed_from}: this run trained steps {resumed_from + 1}-{steps}"

@@ -228,9 +228,10 @@ def compare_with_8b(q4_k_m_kld: float) -> str:
 SPEEDRUN_SCORECARD_DIR = "report-scorecard"
 
 
-def speedrun_markdown(run_dir: str | Path) -> str:
-    """The speedrun's scorecard section: a small, fast scorecard and what to read from it."""
-    cfg = ScorecardConfig(types=("Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K", "Q2_K"), eval_tokens=4096,
+def speedrun_markdown(run_dir: str | Path, cfg: ScorecardConfig | None = None) -> str:
+    """The speedrun's scorecard section: a small, fast scorecard and what to read from it. `cfg`
+    (the speedrun's `--quant.*` knobs) must score Q8_0, Q4_K_M, Q4_0 and Q2_K, which it compares."""
+    cfg = cfg or ScorecardConfig(types=("Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K", "Q2_K"), eval_tokens=4096,
                           imatrix_tokens=4096, answer_tokens=24)
     out = Path(run_dir) / SPEEDRUN_SCORECARD_DIR
     rows = run_scorecard(run_dir, out, cfg, force=True)  # the report's own section, redone by each speedrun

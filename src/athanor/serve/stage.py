@@ -4,6 +4,7 @@ measure the engine (time to first token, decode rates) and speculative decoding 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.report import markdown_table
-from athanor.serve.draft import distill_draft, held_out_prompts
+from athanor.serve.draft import DraftConfig, distill_draft, held_out_prompts
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
 from athanor.tokenizer import Tokenizer
@@ -19,17 +20,32 @@ from athanor.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from athanor.speedrun import Context, Section
 
-# 1,000 steps on 2,048 teacher continuations (DraftConfig): 91.3% held-out agreement and 3.97
-# tokens per target forward at k=4 (on 8 held-out prompts), vs 90.3% and 3.75 for 500 steps and
-# 87.5% for 300 steps on 1,024; ~77 s of training after ~37 s of teacher data on 2 cores. 4,096
-# continuations for 1,000 steps gave 93.1% but 3.85 tokens per forward, for 35 s more of teacher data.
-DRAFT_STEPS = 1000
 # Batch-1 decode of a few-million-parameter model is bound by per-operation overhead, not FLOPs: a
 # second thread only adds synchronization, and on a shared machine its spin-waits cost 10x (measured:
 # 380 vs 28 tok/s at load 5). Measurements run on one thread; the report says so.
 MEASURE_THREADS = 1
+
+
+@dataclass
+class SpeedrunDraft(DraftConfig):
+    """The speculative draft's distillation in the speedrun: `--draft.KEY=VALUE`."""
+
+    # 1,000 steps on 2,048 teacher continuations: 91.3% held-out agreement and 3.97 tokens per target
+    # forward at k=4 (on 8 held-out prompts), vs 90.3% and 3.75 for 500 steps and 87.5% for 300 steps
+    # on 1,024; ~77 s of training after ~37 s of teacher data on 2 cores. 4,096 continuations for 1,000
+    # steps gave 93.1% but 3.85 tokens per forward, for 35 s more of teacher data.
+    steps: int = 1000
+
+
+@dataclass
+class ServingSettings:
+    """The speedrun's serving measurements: `--serving.KEY=VALUE`."""
+
+    max_tokens: int = 96  # greedy tokens per prompt
+    speculative_prompts: int = 4  # held-out prompts for speculative vs plain decoding
+
+
 PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range(", "if __name__ == ", "# ", "try:\n    "]
-MAX_TOKENS = 96
 # Draft tokens per target forward. With the 1,000-step draft (3 alternating rounds on 8 held-out
 # prompts, speculative vs plain): compiled steps 1.63x at k=5 vs 1.59x at k=4, eager 1.71x vs 1.73x
 # (a tie within noise), so k=5, which the benchmark shares; with the 500-step draft k=4 had beaten
@@ -39,20 +55,26 @@ SPECULATIVE_K = 5
 
 def train_draft(ctx: Context, target: LlamaModel) -> dict:
     """Distill the speculative draft from the freshly trained target into RUN_DIR/draft."""
+    knobs: SpeedrunDraft = ctx.recipe.draft
     train = copy.deepcopy(ctx.recipe.train)
-    train.max_steps = DRAFT_STEPS
-    train.warmup_steps = min(train.warmup_steps, DRAFT_STEPS // 10)
+    train.max_steps = knobs.steps
+    train.warmup_steps = min(train.warmup_steps, knobs.steps // 10)
     train.eval_every = train.ckpt_every = 0
     train.resume = False  # the teacher data is made anew each time; so is the draft
-    return distill_draft(target, ctx.run_dir, ctx.run_dir / "draft", train,
+    ctx.say(f"distilling the draft: {knobs.prompts:,} teacher continuations of {knobs.new_tokens} tokens, "
+            f"then {knobs.steps} steps")
+    return distill_draft(target, ctx.run_dir, ctx.run_dir / "draft", train, knobs,
                          show_progress=ctx.show_progress)
 
 
 def serving_stage(ctx: Context) -> Section:
     from athanor.speedrun import Section
 
+    knobs: ServingSettings = ctx.recipe.serving
     target = load_pretrained(ctx.run_dir)
     draft_result = train_draft(ctx, target)
+    ctx.say(f"measuring serving: {len(PROMPTS)} prompts x {knobs.max_tokens} tokens, speculative decoding on "
+            f"{knobs.speculative_prompts} held-out prompts")
     draft = load_pretrained(ctx.run_dir / "draft")
     tok = Tokenizer.load(ctx.run_dir)
     prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
@@ -60,10 +82,11 @@ def serving_stage(ctx: Context) -> Section:
     torch.set_num_threads(MEASURE_THREADS)
     try:
         engine_run(Engine(target, max_batch=1), prompts[:1], 8)  # warm-up: first calls allocate and pick kernels
-        one = engine_run(Engine(target, max_batch=1), prompts[:1], MAX_TOKENS)
-        batched = engine_run(Engine(target, max_batch=len(prompts)), prompts, MAX_TOKENS)
+        one = engine_run(Engine(target, max_batch=1), prompts[:1], knobs.max_tokens)
+        batched = engine_run(Engine(target, max_batch=len(prompts)), prompts, knobs.max_tokens)
         # Held-out text: the draft was distilled on continuations of training-split prompts.
-        spec = speculative_vs_plain(target, draft, held_out_prompts(ctx.run_dir, 4, tok.bos_id), MAX_TOKENS,
+        spec_prompts = held_out_prompts(ctx.run_dir, knobs.speculative_prompts, tok.bos_id)
+        spec = speculative_vs_plain(target, draft, spec_prompts, knobs.max_tokens,
                                     k=SPECULATIVE_K)
     finally:
         torch.set_num_threads(threads)
@@ -85,8 +108,10 @@ def serving_stage(ctx: Context) -> Section:
         {"measure": "speculative vs plain decode (greedy)",
          "value": f"{spec.speculative_tok_s:,.0f} vs {spec.plain_tok_s:,.0f} tok/s = {spec.speedup:.2f}x"},
     ])
-    note = (f"Greedy, {MAX_TOKENS} tokens per prompt, {MEASURE_THREADS} thread, eager decode steps; speculative "
-            f"decoding on 4 held-out prompts. Speculative output "
+    note = (f"Greedy, {knobs.max_tokens} tokens per prompt, {MEASURE_THREADS} thread, eager decode steps; "
+            f"speculative decoding on {knobs.speculative_prompts} held-out prompts. Speculative output "
             f"{'is identical to' if spec.identical else 'DIFFERS from'} plain greedy output. Serve this model "
-            f"with `athanor serve {ctx.run_dir}` (the demo page is at `/`).")
-    return Section("Serving", table + "\n\n" + note)
+            f"with `athanor serve {ctx.run_dir}` (the demo page is at `/`); the draft model is "
+            f"`{ctx.run_dir / 'draft'}`.")
+    plot = "![draft distillation loss curve](draft/loss.png)"
+    return Section("Serving", table + "\n\n" + note + "\n\n" + plot)

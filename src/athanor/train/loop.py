@@ -137,9 +137,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Checkpoints:
     """`checkpoints/step_NNNNNNNN.pt`, each written whole to a temp file then renamed.
 
-    A kill mid-write leaves only a hidden temp file, never a partial `step_*.pt`, so the newest
-    visible checkpoint is always complete; one that still fails to load (disk damage) is skipped
-    in favour of the one before it.
+    A kill mid-write leaves only a hidden temp file (`.step_NNNNNNNN.pt.*.tmp`, io.atomic_write's
+    naming), never a partial `step_*.pt`, so the newest visible checkpoint is always complete; one
+    that still fails to load (disk damage) is skipped in favour of the one before it. The next
+    start or save removes such leftovers, and pruning to `keep` runs on resume as well as after
+    each save, so a kill between a save and its pruning leaves no extra checkpoint for good.
     """
 
     def __init__(self, run_dir: Path, keep: int) -> None:
@@ -149,15 +151,26 @@ class Checkpoints:
     def paths(self) -> list[Path]:
         return sorted(self.dir.glob("step_*.pt"))
 
-    def save(self, state: dict[str, Any], step: int) -> Path:
-        path = self.dir / f"step_{step:08d}.pt"
-        atomic_write(path, lambda f: torch.save(state, f))
+    def remove_temporaries(self) -> None:
+        """Delete half-written checkpoints a killed run left behind (only one process writes here)."""
+        for tmp in self.dir.glob(".step_*.pt.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def prune(self) -> None:
+        """Keep only the newest `keep` checkpoints (all of them when `keep` is 0)."""
         for old in self.paths()[:-self.keep] if self.keep > 0 else []:
             old.unlink(missing_ok=True)
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        self.remove_temporaries()
+        path = self.dir / f"step_{step:08d}.pt"
+        atomic_write(path, lambda f: torch.save(state, f))
+        self.prune()
         return path
 
     def clear(self) -> None:
         """Forget an earlier run's checkpoints, so a fresh start never resumes or keeps them."""
+        self.remove_temporaries()
         for path in self.paths():
             path.unlink(missing_ok=True)
 
@@ -174,8 +187,10 @@ class Trainer:
     """Runs `stage` on `model` for `cfg.max_steps` optimizer steps, writing into `run_dir`."""
 
     def __init__(self, model: nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str | Path,
-                 info: DistInfo, show_progress: bool = True) -> None:
-        self.cfg, self.stage, self.info = cfg, stage, info
+                 info: DistInfo, show_progress: bool = True, name: str = "train") -> None:
+        """`name` labels the progress bar and the evaluation lines, so a console that shows
+        several stages (the speedrun) says which one is speaking."""
+        self.cfg, self.stage, self.info, self.name = cfg, stage, info, name
         self.run_dir = Path(run_dir)
         self.model = model.to(info.device)
         mode = "ddp" if cfg.parallel == "auto" else cfg.parallel
@@ -238,6 +253,8 @@ class Trainer:
         self.resumed_from = self.step
         if self.info.is_main:
             self._truncate_metrics(self.step)
+            self.ckpts.remove_temporaries()
+            self.ckpts.prune()
         return True
 
     def _truncate_metrics(self, step: int) -> None:
@@ -332,7 +349,7 @@ class Trainer:
             self.metrics_path.unlink(missing_ok=True)
             self.ckpts.clear()
         self.wrapped.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.show_progress,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.name, disable=not self.show_progress,
                    dynamic_ncols=True)
         last_eval: dict[str, float] = {}
         window_t, window_tokens, window_losses = time.perf_counter(), self.tokens_seen, []
@@ -357,7 +374,8 @@ class Trainer:
                 last_eval = self.evaluate()
                 if last_eval:
                     self._log({"step": self.step, "tokens": self.tokens_seen, **last_eval})
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                    bar.write(f"{self.name} step {self.step}: {shown}")
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or done:
                 self.save_checkpoint()
             window_t += time.perf_counter() - paused  # evaluation and checkpoints are not training throughput

@@ -62,6 +62,10 @@ class HeldOutMetrics:
     def _targets(self) -> torch.Tensor:
         return torch.cat([y.reshape(-1) for _, y in eval_windows(self.val_tokens, self.seq_len, 1, self.max_tokens)])
 
+    def tokens(self) -> int:
+        """How many held-out target tokens the loss and bits per byte are measured on."""
+        return int(self._targets().numel())
+
     def unigram_bpb(self) -> float:
         y = self._targets()
         nbytes = self.byte_len[y]
@@ -110,7 +114,7 @@ class PretrainStage:
         self.windows.load_state_dict(state)
 
 
-def prepare_tokenizer(recipe: PretrainRecipe, out_dir: Path) -> Tokenizer:
+def prepare_tokenizer(recipe: PretrainRecipe, out_dir: Path, show_progress: bool = True) -> Tokenizer:
     """Reuse the run's tokenizer, load the one the recipe names, or train one on the corpus."""
     if (out_dir / "tokenizer.json").is_file():
         return Tokenizer.load(out_dir)
@@ -120,7 +124,7 @@ def prepare_tokenizer(recipe: PretrainRecipe, out_dir: Path) -> Tokenizer:
         # Trained on the training split only: held-out text must not shape the vocabulary either.
         docs = iter_documents(recipe.data)
         tok = Tokenizer.train((d.text for d in docs if not is_held_out(d.id, recipe.data.val_fraction)),
-                              recipe.tokenizer)
+                              recipe.tokenizer, show_progress=show_progress)
     tok.save(out_dir, model_max_length=recipe.model.max_position_embeddings)
     return tok
 
@@ -130,13 +134,18 @@ def pretrain(recipe: PretrainRecipe, show_progress: bool = True) -> dict[str, An
     out_dir = Path(recipe.out_dir)
     info = dist.setup(recipe.train.device)
     timings: dict[str, float] = {}
+    reused: dict[str, bool] = {}  # what an earlier run in this directory had made already
     try:
         t0 = time.perf_counter()
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            tok = prepare_tokenizer(recipe, out_dir)
+            reused["tokenizer_reused"] = (out_dir / "tokenizer.json").is_file()
+            tok = prepare_tokenizer(recipe, out_dir, show_progress)
             timings["tokenizer_s"] = time.perf_counter() - t0
+            meta_path = out_dir / "data" / "meta.json"
+            before = meta_path.stat().st_mtime_ns if meta_path.is_file() else None
             build_shards(recipe.data, tok, out_dir / "data", show_progress=show_progress)
+            reused["shards_reused"] = before == meta_path.stat().st_mtime_ns  # build_shards rewrites it
             timings["shards_s"] = time.perf_counter() - t0 - timings["tokenizer_s"]
         dist.barrier()  # other ranks wait for the tokenizer and shards rank 0 made
         tok = Tokenizer.load(out_dir)
@@ -156,13 +165,16 @@ def pretrain(recipe: PretrainRecipe, show_progress: bool = True) -> dict[str, An
         windows = TokenWindows(train_tokens, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world)
         held_out = HeldOutMetrics(open_tokens(out_dir / "data", "val"), train_tokens, tok, cfg.seq_len,
                                   cfg.batch_size, cfg.eval_tokens)
-        trainer = Trainer(model, PretrainStage(windows, held_out), cfg, out_dir, info, show_progress)
+        trainer = Trainer(model, PretrainStage(windows, held_out), cfg, out_dir, info, show_progress,
+                          name="pretrain")
         t1 = time.perf_counter()
         final = trainer.fit() or trainer.evaluate()
         timings["train_s"] = time.perf_counter() - t1
-        result = {**final, "unigram_bpb": held_out.unigram_bpb(), "steps": cfg.max_steps,
+        result = {**final, "unigram_bpb": held_out.unigram_bpb(), "val_tokens": held_out.tokens(),
+                  "steps": cfg.max_steps,
                   "tokens_seen": trainer.tokens_seen, "parameters": recipe.model.num_parameters(),
-                  "resumed_from_step": trainer.resumed_from, **{k: round(v, 2) for k, v in timings.items()}}
+                  "resumed_from_step": trainer.resumed_from, **reused,
+                  **{k: round(v, 2) for k, v in timings.items()}}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(trainer.wrapped, options=StateDictOptions(full_state_dict=True,

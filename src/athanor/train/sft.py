@@ -264,7 +264,7 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
                                   target_modules=lc.target_modules or None)
             lora_info = apply_lora(model, lora_cfg, seed=cfg.seed)
         stage = SFTStage(rows, held_rows, cfg.batch_size, cfg.seed, info.rank, info.world)
-        trainer = Trainer(model, stage, cfg, out_dir, info, show_progress)
+        trainer = Trainer(model, stage, cfg, out_dir, info, show_progress, name="sft")
         t = time.perf_counter()
         final = trainer.fit() or (trainer.evaluate() if held_rows is not None else {})
         timings["train_s"] = time.perf_counter() - t
@@ -306,26 +306,40 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
 SPEEDRUN_SFT_MAX_STEPS = 150  # about 45 s of the stage's 150 s budget on 2 cores
 
 
+@dataclass
+class SpeedrunSFT:
+    """The speedrun's SFT stage: `--sft.KEY=VALUE` on `athanor speedrun`."""
+
+    max_steps: int = 0  # 0: 3/8 of pre-training's steps, from 40 to SPEEDRUN_SFT_MAX_STEPS
+    train_tasks: int = 3000  # synthetic training tasks
+    heldout_tasks: int = 120  # held-out tasks both models answer, before and after
+    max_new_tokens: int = 48  # reply budget of that evaluation
+
+
 def speedrun_stage(ctx: Any) -> Any:
     """Speedrun: synthetic tasks -> full SFT of the pre-trained model -> the before/after table.
 
     SFT gets about 3/8 of pre-training's steps, at most `SPEEDRUN_SFT_MAX_STEPS`, so a shortened
-    speedrun stays short.
+    speedrun stays short, unless `sft.max_steps` says otherwise.
     """
-    from athanor.report import markdown_table
+    from athanor.report import markdown_table, resume_note
     from athanor.rl.sandbox import isolation_error
     from athanor.speedrun import Section
 
-    steps = min(SPEEDRUN_SFT_MAX_STEPS, max(40, ctx.recipe.train.max_steps * 3 // 8))
+    knobs: SpeedrunSFT = ctx.recipe.sft
+    steps = knobs.max_steps or min(SPEEDRUN_SFT_MAX_STEPS, max(40, ctx.recipe.train.max_steps * 3 // 8))
     # Python tasks are graded by running code, which only the sandbox may do: without one, leave them out.
     no_sandbox = isolation_error()
     kinds = [k for k in KINDS if k != "python"] if no_sandbox else list(KINDS)
     recipe = SFTRecipe(out_dir=str(ctx.run_dir / "sft"), base=str(ctx.run_dir),
-                       data=SFTDataConfig(synth_train=3000, synth_heldout=120, synth_kinds=kinds),
+                       data=SFTDataConfig(synth_train=knobs.train_tasks, synth_heldout=knobs.heldout_tasks,
+                                          synth_kinds=kinds),
                        train=TrainConfig(max_steps=steps, batch_size=8, seq_len=256, lr=1e-3, warmup_steps=10,
                                          eval_every=0, ckpt_every=steps, log_every=10, weight_decay=0.0,
                                          device=ctx.recipe.train.device),
-                       eval_max_new_tokens=48)
+                       eval_max_new_tokens=knobs.max_new_tokens)
+    ctx.say(f"{knobs.heldout_tasks} held-out tasks answered by the base model, {steps} steps of SFT on "
+            f"{knobs.train_tasks:,} synthetic tasks, the same tasks answered by the SFT model")
     result = sft(recipe, show_progress=ctx.show_progress)
     before, after = result["behavior"]["base"], result["behavior"]["sft"]
     ctx.results["sft"] = {"answer_rate": {"base": before["answer_rate"], "sft": after["answer_rate"]},
@@ -350,5 +364,12 @@ def speedrun_stage(ctx: Any) -> Any:
         "```text",
         examples,
         "```",
+        "",
+        f"**This is the chat model**: `{recipe.out_dir}` (Hugging Face layout, with the tokenizer). Talk to it "
+        f"with `athanor chat {recipe.out_dir}`, or serve it (OpenAI-compatible API and a demo page) with "
+        f"`athanor serve {recipe.out_dir}`.",
+        "",
+        "![SFT loss curve](sft/loss.png)",
     ])
-    return Section("Post-training: SFT on synthetic tasks", text)
+    return Section("Post-training: SFT on synthetic tasks", text,
+                   note=resume_note(result["resumed_from_step"], steps))
