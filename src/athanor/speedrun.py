@@ -22,11 +22,10 @@ import yaml
 from athanor.config import to_dict
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
-from athanor.model.hf import load_pretrained
+from athanor.lm.local import LocalLM
 from athanor.report import markdown_table, resume_note
-from athanor.serve.generate import generate
+from athanor.serve.sampling import SamplingParams
 from athanor.serve.stage import ServingSettings, SpeedrunDraft, serving_stage
-from athanor.tokenizer import Tokenizer
 from athanor.train.pretrain import PretrainRecipe, pretrain
 from athanor.train.sft import SpeedrunSFT
 
@@ -90,13 +89,12 @@ SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", '    """Return the ']
 
 
 def samples_stage(ctx: Context) -> Section:
-    model = load_pretrained(ctx.run_dir)
-    tok = Tokenizer.load(ctx.run_dir)
+    lm = LocalLM.load(ctx.run_dir)
+    params = [SamplingParams(max_tokens=ctx.recipe.samples.max_tokens, temperature=0.8, top_k=50, seed=i)
+              for i in range(len(SAMPLE_PROMPTS))]
     blocks = []
-    for i, prompt in enumerate(SAMPLE_PROMPTS):
-        ids = generate(model, [tok.bos_id, *tok.encode(prompt)], ctx.recipe.samples.max_tokens, temperature=0.8,
-                       top_k=50, seed=i, stop_ids=[tok.bos_id, tok.eos_id])
-        blocks += ["```python", prompt + tok.decode(ids), "```", ""]
+    for prompt, c in zip(SAMPLE_PROMPTS, lm.complete(SAMPLE_PROMPTS, params), strict=True):
+        blocks += ["```python", prompt + c.text, "```", ""]
     return Section("Samples (temperature 0.8, top-k 50)", "\n".join(blocks))
 
 
