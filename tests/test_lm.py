@@ -1,13 +1,17 @@
 """The one generation path: `LocalLM` (the `LM` interface on the engine) against the model's own forward,
-token by token."""
+token by token; and the dependency rule that keeps the speedrun on top of its stages."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model_config
 from serve_helpers import one_thread  # noqa: F401 (autouse fixture)
 
+import athanor
 from athanor.errors import AthanorError
 from athanor.lm.endpoint import EndpointLM
 from athanor.lm.local import LocalLM
@@ -136,3 +140,19 @@ def test_the_server_reads_the_sampling_fields_with_the_same_defaults() -> None:
 
     request, defaults = CompletionRequest(prompt="x"), SamplingParams()
     assert {k: getattr(request, k) for k in OPENAI_FIELDS} == {k: getattr(defaults, k) for k in OPENAI_FIELDS}
+
+
+def test_no_module_but_the_cli_imports_the_speedrun() -> None:
+    """The speedrun composes stages; a stage that imported it would close an import circle."""
+    src = Path(athanor.__file__).parent
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        if path.relative_to(src).as_posix() in ("cli.py", "speedrun.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] \
+                if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            if any(n == "athanor.speedrun" or n.startswith("athanor.speedrun.") for n in names):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert offenders == []
