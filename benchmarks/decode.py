@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from athanor.model.hf import load_pretrained
-from athanor.serve.draft import held_out_prompts
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
 from athanor.serve.stage import PROMPTS, SPECULATIVE_K
 from athanor.tokenizer import Tokenizer
+from athanor.train.draft import held_out_prompts
 
 
 @torch.no_grad()
@@ -67,10 +67,10 @@ def main() -> None:
     draft = load_pretrained(args.draft or args.run_dir / "draft")
     hf = AutoModelForCausalLM.from_pretrained(args.run_dir, dtype=torch.float32).eval()
     tok = Tokenizer.load(args.run_dir)
-    prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
+    prompts = [tok.encode_prompt(p) for p in PROMPTS]
     # The draft is distilled on the target's continuations of training-split prompts: measure it on
     # windows of the held-out split, which neither model saw.
-    spec_prompts = held_out_prompts(args.run_dir, args.spec_prompts, tok.bos_id)
+    spec_prompts = held_out_prompts(args.run_dir, args.spec_prompts, tok.encode_prompt(""))
     rows: dict[str, list[float]] = collections.defaultdict(list)
     engine1, engine8 = (Engine(target, max_batch=b, compile=args.compile) for b in (1, 8))
 

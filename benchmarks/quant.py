@@ -39,7 +39,8 @@ from athanor.model.llama import LlamaModel, ModelConfig
 from athanor.quant.formats import quantize
 from athanor.quant.gguf import export_gguf
 from athanor.quant.linear import model_nbytes, quantize_model, quantize_weights
-from athanor.serve.generate import generate
+from athanor.serve.engine import Engine
+from athanor.serve.sampling import SamplingParams
 from athanor.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -51,6 +52,12 @@ def _median_time(fn, rounds: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _greedy(model: LlamaModel, prompt: list[int], tokens: int) -> None:
+    """One greedy generation on a fresh engine (its cache allocated inside the timing, as before)."""
+    Engine(model, max_batch=1, max_len=len(prompt) + tokens).generate([prompt], SamplingParams(max_tokens=tokens,
+                                                                                               temperature=0))
 
 
 def bench_quantize(rows: int, cols: int, rounds: int) -> None:
@@ -177,7 +184,7 @@ def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
         llama_cpp = None
         print("\n(llama-cpp-python not installed: athanor side only)")
     tok = Tokenizer.load(run_dir)
-    prompt = [tok.bos_id, *tok.encode("def main():\n    ")]
+    prompt = tok.encode_prompt("def main():\n    ")
     print(f"\n## decode tokens/s, batch 1, greedy, {tokens} new tokens, {torch.get_num_threads()} threads")
     print(f"{'type':11} {'athanor':>10} {'llama.cpp':>10} {'ratio':>7}")
     for scheme in ["F32", "Q8_0", "Q4_0"]:
@@ -201,7 +208,7 @@ def bench_decode(run_dir: Path, tokens: int, rounds: int, tmp: Path) -> None:
         ours_t, theirs_t = {name: [] for name in models}, []
         for _ in range(rounds):
             for name, model in models.items():
-                ours_t[name].append(_median_time(lambda m=model: generate(m, prompt, tokens, temperature=0), 1))
+                ours_t[name].append(_median_time(lambda m=model: _greedy(m, prompt, tokens), 1))
             if llm is not None:
                 theirs_t.append(_median_time(theirs, 1))
         b = tokens / statistics.median(theirs_t) if llm is not None else None

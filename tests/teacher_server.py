@@ -7,14 +7,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from athanor.data.distill import LocalTeacher
+from athanor.lm.local import LocalLM
+from athanor.serve.sampling import SamplingParams
 
 
 class TeacherServer:
     """`with TeacherServer(run_dir) as url:` serves POST {url}/chat/completions until the block ends."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        teacher = LocalTeacher(run_dir)
+        teacher = LocalLM.load(run_dir, device="cpu", keep_prompt_tail=True)
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -24,7 +25,9 @@ class TeacherServer:
                     return
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with lock:
-                    text = teacher.chat(req["messages"], req.get("temperature", 1.0), req.get("max_tokens", 64))
+                    params = SamplingParams(max_tokens=req.get("max_tokens", 64),
+                                            temperature=req.get("temperature", 1.0), seed=req.get("seed"))
+                    text = teacher.chat([req["messages"]], params)[0].text
                 body = json.dumps({"object": "chat.completion", "model": req.get("model"),
                                    "choices": [{"index": 0, "finish_reason": "stop",
                                                 "message": {"role": "assistant", "content": text}}]}).encode()

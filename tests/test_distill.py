@@ -14,16 +14,10 @@ from conftest import tiny_model_config
 from teacher_server import TeacherServer
 
 from athanor.cli import main
-from athanor.data.distill import (
-    DistillConfig,
-    HTTPTeacher,
-    LocalTeacher,
-    TeacherError,
-    _verify_code,
-    distill,
-    seed_instructions,
-)
+from athanor.data.distill import DistillConfig, _verify_code, distill, make_teacher, seed_instructions
 from athanor.data.formats import load_examples
+from athanor.errors import AthanorError
+from athanor.lm.endpoint import EndpointError, EndpointLM
 from athanor.model.hf import save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.rl import sandbox
@@ -44,7 +38,7 @@ def teacher_dir(tmp_path_factory, tokenizer_dir):
 
 def test_local_run_dir_teacher_writes_alpaca_records(teacher_dir, tmp_path):
     out = tmp_path / "d.jsonl"
-    r = distill(LocalTeacher(teacher_dir), out, seed_instructions(None, 0), CFG)
+    r = distill(make_teacher(str(teacher_dir)), out, seed_instructions(None, 0), CFG)
     assert r["accepted"] == 3
     examples = load_examples(out)  # valid Alpaca data for `athanor sft`
     assert [e.format for e in examples] == ["alpaca"] * 3
@@ -55,14 +49,14 @@ def test_http_teacher_down_midway_keeps_everything_and_resumes(teacher_dir, tmp_
     out = tmp_path / "d.jsonl"
     seeds = seed_instructions(None, 0)
     with TeacherServer(teacher_dir) as url:
-        assert distill(HTTPTeacher(url, "tiny"), out, seeds, CFG)["accepted"] == 3
+        assert distill(EndpointLM(url, "tiny"), out, seeds, CFG)["accepted"] == 3
     first = out.read_text()
     # The server is gone: a clear error, and the three records are still there.
-    with pytest.raises(TeacherError, match=r"unreachable.*3 accepted examples so far are safe"):
-        distill(HTTPTeacher(url, "tiny", retries=0), out, seeds, DistillConfig(**{**CFG.__dict__, "n": 5}))
+    with pytest.raises(EndpointError, match=r"unreachable.*3 accepted examples so far are safe"):
+        distill(EndpointLM(url, "tiny", retries=0), out, seeds, DistillConfig(**{**CFG.__dict__, "n": 5}))
     assert out.read_text() == first
     with TeacherServer(teacher_dir) as url2:
-        r = distill(HTTPTeacher(url2, "tiny"), out, seeds, DistillConfig(**{**CFG.__dict__, "n": 5}))
+        r = distill(EndpointLM(url2, "tiny"), out, seeds, DistillConfig(**{**CFG.__dict__, "n": 5}))
     assert r["accepted"] == 5 and out.read_text().startswith(first)
     assert len(out.read_text().splitlines()) == 5
 
@@ -74,8 +68,8 @@ def test_a_server_that_is_not_a_chat_api_is_a_clear_error(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(TeacherError, match="answered HTTP 501"):
-            distill(HTTPTeacher(f"http://127.0.0.1:{server.server_address[1]}/v1", "x"), tmp_path / "o.jsonl",
+        with pytest.raises(EndpointError, match="answered HTTP 501"):
+            distill(EndpointLM(f"http://127.0.0.1:{server.server_address[1]}/v1", "x"), tmp_path / "o.jsonl",
                     ["Say hello."], CFG)
     finally:
         server.shutdown()
@@ -87,17 +81,20 @@ def test_torn_last_line_is_dropped_on_resume(teacher_dir, tmp_path):
     out = tmp_path / "d.jsonl"
     out.write_text(json.dumps({"instruction": "Name a colour of the sky.", "input": "", "output": "blue"}) + "\n"
                    + '{"instruction": "half a rec')
-    r = distill(LocalTeacher(teacher_dir), out, ["Say hello."], CFG)
+    r = distill(make_teacher(str(teacher_dir)), out, ["Say hello."], CFG)
     lines = out.read_text().splitlines()
     assert r["accepted"] == 3 and len(lines) == 3 and json.loads(lines[0])["output"] == "blue"
 
 
 def test_rejections_are_logged_with_their_reason(teacher_dir, tmp_path):
     out = tmp_path / "d.jsonl"
-    distill(LocalTeacher(teacher_dir), out, ["Say hello."], CFG)
+    # Twenty tokens never make 600 characters: every candidate is rejected, each one logged.
+    cfg = DistillConfig(**{**CFG.__dict__, "n": 1, "min_instruction_chars": 600, "max_attempts_factor": 3})
+    with pytest.raises(AthanorError, match="only 0 of 1 candidates passed the filters after 3 tries"):
+        distill(make_teacher(str(teacher_dir)), out, ["Say hello."], cfg)
     rejected = [json.loads(line) for line in out.with_suffix(".rejected.jsonl").read_text().splitlines()]
-    assert rejected and all(r["rejected"] for r in rejected)
-    assert all(not 3 <= len(r["instruction"]) <= 500 for r in rejected if r["rejected"] == "instruction length")
+    assert len(rejected) == 3 and all(r["rejected"] == "instruction length" for r in rejected)
+    assert all(len(r["instruction"]) < 600 and r["teacher"] == str(teacher_dir) for r in rejected)
 
 
 @pytest.mark.skipif(sandbox.isolation_error() is not None, reason="no sandbox here")

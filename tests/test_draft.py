@@ -11,7 +11,9 @@ from serve_helpers import naive_greedy, one_thread  # noqa: F401 (autouse fixtur
 
 from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
-from athanor.serve.draft import (
+from athanor.serve.speculative import speculative_generate
+from athanor.tokenizer import Tokenizer
+from athanor.train.draft import (
     IGNORE,
     DistillStage,
     DraftConfig,
@@ -20,8 +22,6 @@ from athanor.serve.draft import (
     held_out_prompts,
     teacher_sequences,
 )
-from athanor.serve.speculative import speculative_generate
-from athanor.tokenizer import Tokenizer
 from athanor.train.loop import TrainConfig
 from athanor.train.pretrain import pretrain
 
@@ -52,7 +52,7 @@ def test_distilled_draft_agrees_with_its_target(tmp_path: Path, tokenizer_dir: P
     assert (draft.config.num_hidden_layers, draft.config.vocab_size) == (1, target.config.vocab_size)
     assert (run / "draft" / "tokenizer.json").is_file()
     # The held-out continuations distill_draft scored it on, and an untrained draft of the same shape.
-    held_out = teacher_sequences(target, held_out_prompts(run, 8, Tokenizer.load(run).bos_id, seed=cfg.seed,
+    held_out = teacher_sequences(target, held_out_prompts(run, 8, Tokenizer.load(run).encode_prompt(""), seed=cfg.seed,
                                                           min_len=2, max_len=12), 24, 16)
     stage = DistillStage(held_out, held_out, 8, 0)
     assert stage.evaluate(draft)["agreement"] == result["agreement"]

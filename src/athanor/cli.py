@@ -78,23 +78,20 @@ def cmd_speedrun(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
-    import torch
-
-    from athanor.model.hf import load_pretrained
-    from athanor.serve.generate import generate
-    from athanor.tokenizer import Tokenizer
+    from athanor.lm.local import LocalLM
+    from athanor.serve.sampling import SamplingParams
 
     if args.num_samples < 1:
         raise AthanorError(f"--num-samples must be at least 1, got {args.num_samples}")
-    model = load_pretrained(args.run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-    tok = Tokenizer.load(args.run_dir)
-    prompt_ids = [tok.bos_id, *tok.encode(args.prompt)]
-    for i in range(args.num_samples):
-        ids = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       seed=None if args.seed is None else args.seed + i, stop_ids=[tok.bos_id, tok.eos_id])
+    lm = LocalLM.load(args.run_dir)
+    # One seed per sample, so samples differ from each other and repeat across runs; decoded together.
+    params = [SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=None if args.seed is None else args.seed + i)
+              for i in range(args.num_samples)]
+    for i, c in enumerate(lm.complete([args.prompt] * args.num_samples, params)):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tok.decode(ids))
+        print(args.prompt + c.text)
 
 
 SERVE_EXTRA = ("fastapi", "uvicorn", "starlette", "pydantic")  # what `pip install 'athanor[serve]'` brings
@@ -282,7 +279,7 @@ def cmd_synth_distill(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.data.distill import DistillConfig, distill, make_teacher, seed_instructions
 
     cfg = load_recipe(DistillConfig, None, [f"--n={args.n}", f"--seed={args.seed}", *overrides])
-    teacher = make_teacher(args.teacher, args.model, args.api_key_env, cfg.seed)
+    teacher = make_teacher(args.teacher, args.model, args.api_key_env)
     result = distill(teacher, args.out, seed_instructions(args.seeds, cfg.seed), cfg,
                      progress=None if args.quiet else lambda k, n: print(f"\raccepted {k}/{n}", end="", flush=True))
     print(f"\n{result['accepted']} accepted, {result['rejected']} rejected {result['rejected_by_reason']} "

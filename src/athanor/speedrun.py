@@ -1,9 +1,10 @@
 """`athanor speedrun`: every stage that exists, end to end on the embedded default, with a report.
 
 Pre-training (tokenizer -> shards -> model -> held-out eval) runs first; then each entry of
-`STAGES` in order. A stage takes the `Context` and returns a `Section` of the report, so a new
-capability joins the speedrun by appending one function here, and its size knobs by one section
-of `SpeedrunRecipe` (tests turn every one of them down).
+`STAGES` in order. A stage takes the `Context` and returns a `Section` of the report (the contract
+in athanor/stage.py, which stages import: they never import this module), so a new capability
+joins the speedrun by appending one function here, and its size knobs by one section of
+`SpeedrunRecipe` (tests turn every one of them down).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -22,11 +22,12 @@ import yaml
 from athanor.config import to_dict
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
-from athanor.model.hf import load_pretrained
+from athanor.lm.local import LocalLM
 from athanor.report import markdown_table, resume_note
-from athanor.serve.generate import generate
-from athanor.serve.stage import ServingSettings, SpeedrunDraft, serving_stage
-from athanor.tokenizer import Tokenizer
+from athanor.serve.sampling import SamplingParams
+from athanor.serve.stage import ServingSettings, serving_stage
+from athanor.stage import Context, Section
+from athanor.train.draft import SpeedrunDraft
 from athanor.train.pretrain import PretrainRecipe, pretrain
 from athanor.train.sft import SpeedrunSFT
 
@@ -63,40 +64,16 @@ class SpeedrunRecipe(PretrainRecipe):
     quant: QuantSettings = field(default_factory=QuantSettings)
 
 
-@dataclass
-class Context:
-    """What the stages after pre-training get: the recipe, the run directory, the results so far."""
-
-    recipe: SpeedrunRecipe
-    run_dir: Path
-    pretrain: dict[str, Any]
-    show_progress: bool = True
-    results: dict[str, Any] = field(default_factory=dict)  # stages may leave numbers for later ones
-
-    def say(self, line: str) -> None:
-        """One line on the console about what a stage is doing now (between its progress bars)."""
-        print(f"  {line}", flush=True)
-
-
-@dataclass
-class Section:
-    title: str
-    markdown: str
-    seconds: float = 0.0
-    note: str = ""  # for the timings table, e.g. what an earlier run in this directory had done
-
-
 SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", '    """Return the ']
 
 
 def samples_stage(ctx: Context) -> Section:
-    model = load_pretrained(ctx.run_dir)
-    tok = Tokenizer.load(ctx.run_dir)
+    lm = LocalLM.load(ctx.run_dir)
+    params = [SamplingParams(max_tokens=ctx.recipe.samples.max_tokens, temperature=0.8, top_k=50, seed=i)
+              for i in range(len(SAMPLE_PROMPTS))]
     blocks = []
-    for i, prompt in enumerate(SAMPLE_PROMPTS):
-        ids = generate(model, [tok.bos_id, *tok.encode(prompt)], ctx.recipe.samples.max_tokens, temperature=0.8,
-                       top_k=50, seed=i, stop_ids=[tok.bos_id, tok.eos_id])
-        blocks += ["```python", prompt + tok.decode(ids), "```", ""]
+    for prompt, c in zip(SAMPLE_PROMPTS, lm.complete(SAMPLE_PROMPTS, params), strict=True):
+        blocks += ["```python", prompt + c.text, "```", ""]
     return Section("Samples (temperature 0.8, top-k 50)", "\n".join(blocks))
 
 

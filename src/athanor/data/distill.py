@@ -9,8 +9,8 @@ candidate goes through filters before it is kept, and the reason for every rejec
   accepted instruction (Self-Instruct used ROUGE-L < 0.7 for the same purpose);
 - verifier, where there is one: code in the answer must run cleanly in the sandbox.
 
-The teacher is any OpenAI-compatible endpoint (`/chat/completions`; base URL, model, API key from
-an environment variable) or a local athanor run directory.
+The teacher is any `athanor.lm.LM`: an OpenAI-compatible endpoint (`/chat/completions`; base URL,
+model, API key from an environment variable) or a local model directory.
 
 Output is append-only JSONL in Alpaca form, flushed and fsynced per record, with rejected
 candidates in a sibling `.rejected.jsonl`: a crash, a Ctrl-C or a teacher that goes down loses
@@ -19,102 +19,29 @@ nothing, and running the same command again resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from athanor.data.formats import load_examples
 from athanor.data.synth import extract_code, ngrams
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
+from athanor.lm import LM, open_lm
+from athanor.lm.endpoint import EndpointError
+from athanor.serve.sampling import SamplingParams
 
 
-class Teacher(Protocol):
-    name: str
-
-    def chat(self, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str: ...
-
-
-class TeacherError(AthanorError):
-    """The teacher is unreachable or answered something that is not a chat completion."""
-
-
-class HTTPTeacher:
-    """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server, athanor serve)."""
-
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
-                 retries: int = 2) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.timeout, self.retries = model, timeout, retries
-        self.api_key = os.environ.get(api_key_env, "")
-        self.name = f"{model} at {base_url}"
-
-    def chat(self, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        last: Exception | None = None
-        for _ in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(urllib.request.Request(self.url, body, headers), timeout=self.timeout) as r:
-                    raw = r.read()
-                break
-            except urllib.error.HTTPError as e:  # the server answered: retrying will not help
-                detail = e.read()[:200].decode(errors="replace")
-                raise TeacherError(f"teacher {self.url} answered HTTP {e.code}: {detail!r}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = e
-        else:
-            raise TeacherError(f"teacher {self.url} is unreachable: {getattr(last, 'reason', last)}")
-        try:
-            reply = json.loads(raw)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise TeacherError(f"teacher {self.url} returned something that is not a chat completion: "
-                               f"{raw[:200]!r}") from None
-        if not isinstance(reply, str):
-            raise TeacherError(f"teacher {self.url} returned a non-text message content: {reply!r:.200}")
-        return reply
-
-
-class LocalTeacher:
-    """A model in an athanor run directory, sampled through its chat template."""
-
-    def __init__(self, run_dir: str | Path, seed: int = 0) -> None:
-        from athanor.model.hf import load_pretrained
-        from athanor.tokenizer import Tokenizer
-
-        self.model, self.tok = load_pretrained(run_dir).eval(), Tokenizer.load(run_dir)
-        self.seed, self.calls, self.name = seed, 0, str(run_dir)
-
-    def chat(self, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
-        from athanor.serve.generate import generate
-
-        ids, _ = self.tok.render_chat(messages, add_generation_prompt=True)
-        # A teacher with a small context (a local run dir) sees the newest part of a long prompt rather
-        # than refusing it: generate() itself, like the server, refuses a prompt that does not fit.
-        ids = ids[-(self.model.config.max_position_embeddings - 1):]
-        self.calls += 1
-        out = generate(self.model, ids, max_tokens, temperature=temperature, top_k=50, seed=self.seed + self.calls,
-                       stop_ids=[self.tok.end_id, self.tok.eos_id, *self.tok.role_ids.values()])
-        return self.tok.decode(out)
-
-
-def make_teacher(spec: str, model: str = "", api_key_env: str = "OPENAI_API_KEY", seed: int = 0) -> Teacher:
-    """An http(s) URL is an endpoint; anything else must be a run directory."""
-    if spec.startswith(("http://", "https://")):
-        return HTTPTeacher(spec, model or "default", api_key_env)
-    if not (Path(spec) / "config.json").is_file():
-        raise AthanorError("teacher is neither an http(s) URL nor a model run directory", path=spec)
-    return LocalTeacher(spec, seed)
+def make_teacher(spec: str, model: str = "", api_key_env: str = "OPENAI_API_KEY") -> LM:
+    """An http(s) URL is an OpenAI-compatible endpoint; anything else must be a model directory. A
+    local teacher with a small context sees the newest part of a long prompt rather than refusing it."""
+    return open_lm(spec, model, api_key_env, keep_prompt_tail=True)
 
 
 @dataclass
@@ -201,7 +128,7 @@ def _verify_code(answer: str) -> str | None:
     return None if r.ok else f"code {r.verdict}: {r.stderr.strip().splitlines()[-1:] or r.detail}"
 
 
-def distill(teacher: Teacher, out_path: str | Path, seeds: list[str], cfg: DistillConfig,
+def distill(teacher: LM, out_path: str | Path, seeds: list[str], cfg: DistillConfig,
             verifier: Callable[[str], str | None] = _verify_code,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Grow `out_path` to `cfg.n` accepted examples; returns counts (accepted, rejected by reason)."""
@@ -212,8 +139,8 @@ def distill(teacher: Teacher, out_path: str | Path, seeds: list[str], cfg: Disti
     limit = cfg.n * cfg.max_attempts_factor
     try:
         _grow(teacher, out, seeds, cfg, verifier, known, exact, limit, progress)
-    except TeacherError as e:
-        raise TeacherError(f"{e}. The {len(out.accepted)} accepted examples so far are safe in {out.path}; "
+    except EndpointError as e:
+        raise EndpointError(f"{e}. The {len(out.accepted)} accepted examples so far are safe in {out.path}; "
                            "run the same command again to resume") from None
     reasons: dict[str, int] = {}
     for r in out.rejected:
@@ -223,7 +150,7 @@ def distill(teacher: Teacher, out_path: str | Path, seeds: list[str], cfg: Disti
             "output": str(out.path)}
 
 
-def _grow(teacher: Teacher, out: _Output, seeds: list[str], cfg: DistillConfig,
+def _grow(teacher: LM, out: _Output, seeds: list[str], cfg: DistillConfig,
           verifier: Callable[[str], str | None], known: list, exact: set[str], limit: int,
           progress: Callable[[int, int], None] | None) -> None:
     while len(out.accepted) < cfg.n:
@@ -235,8 +162,10 @@ def _grow(teacher: Teacher, out: _Output, seeds: list[str], cfg: DistillConfig,
         pool = seeds + [r["instruction"] for r in out.accepted]
         shown = rng.sample(pool, min(cfg.examples_in_prompt, len(pool)))
         examples = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(shown))
-        instruction = clean_instruction(teacher.chat([{"role": "user", "content": EXPAND_PROMPT.format(
-            examples=examples)}], cfg.temperature, cfg.max_tokens))
+        # Seeded per attempt and call, so a resumed run asks what an uninterrupted one would have.
+        ask = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed + 2 * attempt)
+        instruction = clean_instruction(teacher.chat([[{"role": "user", "content": EXPAND_PROMPT.format(
+            examples=examples)}]], ask)[0].text)
         reason = None
         if not cfg.min_instruction_chars <= len(instruction) <= cfg.max_instruction_chars:
             reason = "instruction length"
@@ -248,7 +177,8 @@ def _grow(teacher: Teacher, out: _Output, seeds: list[str], cfg: DistillConfig,
                 reason = "near duplicate"
         answer = ""
         if reason is None:
-            answer = teacher.chat([{"role": "user", "content": instruction}], cfg.temperature, cfg.max_tokens).strip()
+            answer = teacher.chat([[{"role": "user", "content": instruction}]],
+                                  dataclasses.replace(ask, seed=ask.seed + 1))[0].text.strip()
             if not 1 <= len(answer) <= cfg.max_output_chars:
                 reason = "answer length"
             else:

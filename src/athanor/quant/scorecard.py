@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from athanor.io import atomic_write, atomic_write_text, refuse_to_overwrite
+from athanor.lm.local import LocalLM
 from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.quant.gguf import export_gguf
@@ -28,7 +29,7 @@ from athanor.quant.imatrix import calibration_tokens, collect_imatrix
 from athanor.quant.linear import quantize_model, quantize_weights
 from athanor.quant.schemes import get_scheme
 from athanor.report import markdown_table
-from athanor.serve.generate import generate
+from athanor.serve.sampling import SamplingParams
 from athanor.tokenizer import Tokenizer
 
 DEFAULT_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K", "Q2_K"]
@@ -64,16 +65,17 @@ def _logprobs(model: LlamaModel, windows: torch.Tensor) -> torch.Tensor:
 
 def _answers(model: LlamaModel, tok: Tokenizer, n: int) -> tuple[list[str], float]:
     """Greedy continuations of the prompts and the generation speed: new tokens per second of
-    each whole call, the short prompt's prefill included (the same for every type)."""
+    each whole call, one prompt at a time, the short prompt's prefill included (the same for every
+    type). A quantized model runs its own modules (the engine's fast path copies plain weights only)."""
+    lm, greedy = LocalLM(model, tok, max_batch=len(ANSWER_PROMPTS)), SamplingParams(max_tokens=n, temperature=0)
+    lm.complete(ANSWER_PROMPTS, greedy)  # warm-up, untimed, all at once: sizes the engine for every prompt
     texts, tokens, seconds = [], 0, 0.0
     for prompt in ANSWER_PROMPTS:
-        ids = [tok.bos_id, *tok.encode(prompt)]
-        generate(model, ids, 1, temperature=0)  # warm-up, untimed
         t0 = time.perf_counter()
-        out = generate(model, ids, n, temperature=0)
+        (c,) = lm.complete([prompt], greedy)
         seconds += time.perf_counter() - t0
-        tokens += len(out)
-        texts.append(prompt + tok.decode(out))
+        tokens += len(c.token_ids)
+        texts.append(prompt + c.text)
     return texts, tokens / max(seconds, 1e-9)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from athanor.errors import AthanorError
 from athanor.model.llama import KVCache, LlamaModel
 from athanor.serve.fast import fast_forward
 from athanor.serve.rules import check_request
@@ -61,6 +62,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     text: str = ""  # the output decoded, cut at a stop string
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it (as vLLM reports)
     cached_tokens: int = 0  # prompt tokens whose keys/values were reused from an earlier request
     t_submit: float = 0.0
     t_first: float | None = None
@@ -104,8 +106,9 @@ class Engine:
                  decode: Callable[[list[int]], str] | None = None, fast: bool = True,
                  compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
-        `fast` runs the forwards through `FastForward` (fp32 models; built here from the weights
-        as they are now); `compile` adds its compiled decode steps, for one request and for all
+        `fast` runs the forwards through `FastForward` where it applies (fp32 models of plain
+        Linear layers, built here from the weights as they are now; any other model runs its own
+        forward); `compile` adds its compiled decode steps, for one request and for all
         active ones at once (seconds to compile on first use: worth it for a server, not for a
         short run)."""
         self.model = model.eval()
@@ -150,9 +153,18 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  ) -> list[Request]:
-        """Run prompts to completion on the calling thread (tests, benchmarks, the speedrun)."""
+        """Run prompts to completion on the calling thread, as many at once as there are slots
+        (`athanor.lm.LocalLM`, tests, benchmarks). A prompt that breaks a rule fails the whole call
+        before any is decoded: those queued before it are cancelled."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        reqs: list[Request] = []
+        try:
+            for p, sp in zip(prompts, plist, strict=True):
+                reqs.append(self.submit(p, sp))
+        except AthanorError:
+            for r in reqs:
+                self.cancel(r)
+            raise
         while not all(r.done for r in reqs):
             self.step()
         return reqs
@@ -307,6 +319,7 @@ class Engine:
         token = greedy_ids(shaped) if p.temperature <= 0 else \
             int(sample_next(shaped[None], p.temperature, p.top_k, p.top_p, req._generator, p.min_p)[0])
         if token in p.stop_ids:
+            req.stop_reason = token
             self._finish(req, "stop")
             return
         if p.logprobs is not None:
@@ -318,9 +331,9 @@ class Engine:
             req._seen[token] = True
         if self.decode_fn is not None:
             req.text = self.decode_fn(req.output_ids)
-            cut = min((i for i in (req.text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                req.text = req.text[:cut]
+            cut, stop = min(((i, s) for s in p.stop if (i := req.text.find(s)) >= 0), default=(-1, None))
+            if stop is not None:
+                req.text, req.stop_reason = req.text[:cut], stop
                 self._finish(req, "stop", last_tokens=1)
                 return
         if len(req.output_ids) >= p.max_tokens or len(self.slot_tokens[req._slot]) >= self.max_len:

@@ -51,8 +51,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from athanor.model.llama import KVCache, LlamaModel, norm_heads, stacked_weights
+from athanor.model.llama import KVCache, LlamaModel, RMSNorm, norm_heads, stacked_weights
 
 # The compiled step serves decoding and speculative verification: a few new tokens. Its attention
 # (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
@@ -390,14 +391,23 @@ def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None
     """`model`'s FastForward, built on first use and again once any parameter was replaced (its
     storage moved) or modified in place (its version counter: an optimizer step or `load_state_dict`
     bumps it); None for a model that is not fp32, whose reference forward normalizes in fp32 and
-    casts back.
+    casts back, and for one whose layers are more than their weights (quantized, LoRA): the copies
+    made here would run the dequantized or base weights instead of the model's own modules.
     `compile` gives the one with compiled steps after a cached prefix (one request, all rows of an
     engine's cache, greedy chains and speculative rounds; each compiled on first use: ~10-25 s per
     graph on this CPU, in every new process); the eager one stays eager for other callers."""
-    if next(model.parameters()).dtype != torch.float32:
+    if next(model.parameters()).dtype != torch.float32 or not _plain_layers(model):
         return None
     versions = [(p.data_ptr(), p._version) for p in model.parameters()]
     modes = _built.setdefault(model, {})
     if compile not in modes or modes[compile][0] != versions:
         modes[compile] = (versions, FastForward(model, compiled=compile))
     return modes[compile][1]
+
+
+def _plain_layers(model: LlamaModel) -> bool:
+    """Whether every layer FastForward copies weights from is a plain `nn.Embedding` / `nn.Linear`."""
+    linears = [model.lm_head] + [m for layer in model.model.layers
+                                 for m in (*layer.self_attn.children(), *layer.mlp.children())
+                                 if not isinstance(m, RMSNorm)]
+    return type(model.model.embed_tokens) is nn.Embedding and all(type(m) is nn.Linear for m in linears)

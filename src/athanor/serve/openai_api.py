@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from athanor.serve.engine import Request, TokenLogprob
-from athanor.serve.sampling import SamplingParams
+from athanor.serve.sampling import OPENAI_FIELDS, SamplingParams
 from athanor.tokenizer import Tokenizer
 
 
@@ -21,8 +21,8 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    # Types only: the bounds of the sampling settings are `SamplingParams.validate`'s, shared with
-    # `athanor generate` and `athanor chat`, and checked when the request reaches the engine.
+    # OPENAI_FIELDS, with SamplingParams' defaults (a test holds them equal). Types only: the bounds are
+    # `SamplingParams.validate`'s, shared with every caller, checked when the request reaches the engine.
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -49,9 +49,7 @@ class _Sampling(BaseModel):
                  prompt_logprobs: int | None, choice: int) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            max_tokens=max_tokens, **{k: getattr(self, k) for k in OPENAI_FIELDS},
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             # n choices from one seed must differ from each other, and repeat across calls.
             seed=None if self.seed is None else self.seed + choice,

@@ -12,6 +12,12 @@ import torch
 
 from athanor.errors import AthanorError
 
+# The settings an OpenAI-style request carries under SamplingParams' own names (`top_k`, `min_p`
+# and `repetition_penalty` are vLLM's extensions): the server reads them into SamplingParams
+# (serve/openai_api.py), the endpoint client writes them from it (lm/endpoint.py).
+OPENAI_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+
 
 @dataclass
 class SamplingParams:

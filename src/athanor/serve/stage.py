@@ -1,40 +1,24 @@
-"""The speedrun's serving stage: distill a small draft model from the target (serve/draft.py), then
+"""The speedrun's serving stage: distill a small draft model from the target (train/draft.py), then
 measure the engine (time to first token, decode rates) and speculative decoding with the pair."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from athanor.model.hf import load_pretrained
-from athanor.model.llama import LlamaModel
 from athanor.report import markdown_table
-from athanor.serve.draft import DraftConfig, distill_draft, held_out_prompts
 from athanor.serve.engine import Engine
 from athanor.serve.measure import engine_run, speculative_vs_plain
+from athanor.stage import Context, Section
 from athanor.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from athanor.speedrun import Context, Section
+from athanor.train.draft import held_out_prompts, speedrun_draft
 
 # Batch-1 decode of a few-million-parameter model is bound by per-operation overhead, not FLOPs: a
 # second thread only adds synchronization, and on a shared machine its spin-waits cost 10x (measured:
 # 380 vs 28 tok/s at load 5). Measurements run on one thread; the report says so.
 MEASURE_THREADS = 1
-
-
-@dataclass
-class SpeedrunDraft(DraftConfig):
-    """The speculative draft's distillation in the speedrun: `--draft.KEY=VALUE`."""
-
-    # 1,000 steps on 2,048 teacher continuations: 91.3% held-out agreement and 3.97 tokens per target
-    # forward at k=4 (on 8 held-out prompts), vs 90.3% and 3.75 for 500 steps and 87.5% for 300 steps
-    # on 1,024; ~77 s of training after ~37 s of teacher data on 2 cores. 4,096 continuations for 1,000
-    # steps gave 93.1% but 3.85 tokens per forward, for 35 s more of teacher data.
-    steps: int = 1000
 
 
 @dataclass
@@ -53,31 +37,15 @@ PROMPTS = ["def ", "import os\n", "class ", "    return ", "for i in range(", "i
 SPECULATIVE_K = 5
 
 
-def train_draft(ctx: Context, target: LlamaModel) -> dict:
-    """Distill the speculative draft from the freshly trained target into RUN_DIR/draft."""
-    knobs: SpeedrunDraft = ctx.recipe.draft
-    train = copy.deepcopy(ctx.recipe.train)
-    train.max_steps = knobs.steps
-    train.warmup_steps = min(train.warmup_steps, knobs.steps // 10)
-    train.eval_every = train.ckpt_every = 0
-    train.resume = False  # the teacher data is made anew each time; so is the draft
-    ctx.say(f"distilling the draft: {knobs.prompts:,} teacher continuations of {knobs.new_tokens} tokens, "
-            f"then {knobs.steps} steps")
-    return distill_draft(target, ctx.run_dir, ctx.run_dir / "draft", train, knobs,
-                         show_progress=ctx.show_progress)
-
-
 def serving_stage(ctx: Context) -> Section:
-    from athanor.speedrun import Section
-
     knobs: ServingSettings = ctx.recipe.serving
     target = load_pretrained(ctx.run_dir)
-    draft_result = train_draft(ctx, target)
+    draft_result = speedrun_draft(ctx, target)
     ctx.say(f"measuring serving: {len(PROMPTS)} prompts x {knobs.max_tokens} tokens, speculative decoding on "
             f"{knobs.speculative_prompts} held-out prompts")
     draft = load_pretrained(ctx.run_dir / "draft")
     tok = Tokenizer.load(ctx.run_dir)
-    prompts = [[tok.bos_id, *tok.encode(p)] for p in PROMPTS]
+    prompts = [tok.encode_prompt(p) for p in PROMPTS]
     threads = torch.get_num_threads()
     torch.set_num_threads(MEASURE_THREADS)
     try:
@@ -85,7 +53,7 @@ def serving_stage(ctx: Context) -> Section:
         one = engine_run(Engine(target, max_batch=1), prompts[:1], knobs.max_tokens)
         batched = engine_run(Engine(target, max_batch=len(prompts)), prompts, knobs.max_tokens)
         # Held-out text: the draft was distilled on continuations of training-split prompts.
-        spec_prompts = held_out_prompts(ctx.run_dir, knobs.speculative_prompts, tok.bos_id)
+        spec_prompts = held_out_prompts(ctx.run_dir, knobs.speculative_prompts, tok.encode_prompt(""))
         spec = speculative_vs_plain(target, draft, spec_prompts, knobs.max_tokens,
                                     k=SPECULATIVE_K)
     finally:

@@ -32,6 +32,7 @@ from athanor.data.synth import KINDS, Task, make_splits, read_tasks, write_tasks
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
 from athanor.model.hf import load_pretrained, save_pretrained
+from athanor.stage import Context, Section
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
 from athanor.train.behavior import evaluate_behavior
@@ -316,7 +317,7 @@ class SpeedrunSFT:
     max_new_tokens: int = 48  # reply budget of that evaluation
 
 
-def speedrun_stage(ctx: Any) -> Any:
+def speedrun_stage(ctx: Context) -> Section:
     """Speedrun: synthetic tasks -> full SFT of the pre-trained model -> the before/after table.
 
     SFT gets about 3/8 of pre-training's steps, at most `SPEEDRUN_SFT_MAX_STEPS`, so a shortened
@@ -324,7 +325,6 @@ def speedrun_stage(ctx: Any) -> Any:
     """
     from athanor.report import markdown_table, resume_note
     from athanor.rl.sandbox import isolation_error
-    from athanor.speedrun import Section
 
     knobs: SpeedrunSFT = ctx.recipe.sft
     steps = knobs.max_steps or min(SPEEDRUN_SFT_MAX_STEPS, max(40, ctx.recipe.train.max_steps * 3 // 8))
