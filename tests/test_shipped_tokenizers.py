@@ -207,6 +207,8 @@ def test_save_keeps_the_shipped_config(shipped: dict[str, Path], tmp_path: Path)
     tok.save(tmp_path / "out", model_max_length=64)
     again = Tokenizer.load(tmp_path / "out")
     assert again.bos_id == tok.bos_id and again.chat is not None
+    # generation_config.json's eos list comes along, so a model fine-tuned from it stops where it did.
+    assert again.stop_ids == tok.stop_ids == [1, 4, 5]
     assert again.render_chat(CHAT, **TEMPLATE_KW) == tok.render_chat(CHAT, **TEMPLATE_KW)
 
 
