@@ -11,8 +11,10 @@ from conftest import SMALL_CORPUS
 from shipped_tokenizers import FAMILIES, build
 
 from athanor.chat_template import ChatTemplate
-from athanor.data.corpus import iter_documents
+from athanor.data.corpus import DataConfig, iter_documents
+from athanor.data.shards import build_shards, open_tokens
 from athanor.errors import AthanorError
+from athanor.quant.imatrix import calibration_tokens
 from athanor.tokenizer import Tokenizer
 
 HOSTILE = [
@@ -210,6 +212,27 @@ def test_save_keeps_the_shipped_config(shipped: dict[str, Path], tmp_path: Path)
     # generation_config.json's eos list comes along, so a model fine-tuned from it stops where it did.
     assert again.stop_ids == tok.stop_ids == [1, 4, 5]
     assert again.render_chat(CHAT, **TEMPLATE_KW) == tok.render_chat(CHAT, **TEMPLATE_KW)
+
+
+# -- the stages that read a shipped tokenizer ------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_documents_start_as_the_tokenizer_starts_them(shipped: dict[str, Path], family: str,
+                                                      tmp_path: Path) -> None:
+    """Shards, calibration text and prompts take BOS from the tokenizer's own rule: Llama 3 adds one,
+    Qwen2 has none (its bos_token is null)."""
+    tok = Tokenizer.load(shipped[family])
+    doc = "def one():\n    return 1\n\n\nclass Two:\n    pass\n" * 4
+    (tmp_path / "doc.txt").write_text(doc)
+    build_shards(DataConfig(paths=[str(tmp_path / "doc.txt")], val_fraction=0.2), tok, tmp_path / "shards",
+                 show_progress=False)
+    # One document cannot be split by document: the held-out part is the stream's tail, given its own BOS.
+    train, val = ([int(t) for t in open_tokens(tmp_path / "shards", s)] for s in ("train", "val"))
+    head = [tok.bos_id] if tok.add_bos else []
+    assert val[:len(head)] == head and train + val[len(head):] == head + tok.encode(doc)
+    text = tmp_path / "calib.txt"
+    text.write_text(doc)
+    assert calibration_tokens(shipped[family], 1000, text_file=text).tolist() == tok.encode_prompt(doc)
 
 
 # -- against transformers' AutoTokenizer -------------------------------------------------------------
