@@ -12,10 +12,12 @@ from shipped_tokenizers import FAMILIES, build
 
 from athanor.chat_template import ChatTemplate
 from athanor.data.corpus import DataConfig, iter_documents
+from athanor.data.formats import check_file, load_examples
 from athanor.data.shards import build_shards, open_tokens
 from athanor.errors import AthanorError
 from athanor.quant.imatrix import calibration_tokens
 from athanor.tokenizer import Tokenizer
+from athanor.train.sft import encode_examples
 
 HOSTILE = [
     "Hello world", "  two leading spaces", " one", "", " ", "trailing  ", "\tTabs\tand\nnewlines\n\n\n",
@@ -233,6 +235,17 @@ def test_documents_start_as_the_tokenizer_starts_them(shipped: dict[str, Path], 
     text = tmp_path / "calib.txt"
     text.write_text(doc)
     assert calibration_tokens(shipped[family], 1000, text_file=text).tolist() == tok.encode_prompt(doc)
+
+
+def test_sft_data_the_template_cannot_mask_is_refused_at_its_line(shipped: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT[1:3]}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    tok = Tokenizer.load(shipped["qwen2"])  # Qwen3's template drops earlier think blocks: multi-turn is unmaskable
+    with pytest.raises(AthanorError, match=r"chat.jsonl:2: .*message 2 .assistant. differently"):
+        encode_examples(load_examples(data), tok, 256)
+    report = check_file(data, tok)
+    assert report["errors"] == 1 and "chat.jsonl:2" in report["error_list"][0] and report["tokens"]["max"] > 0
 
 
 # -- against transformers' AutoTokenizer -------------------------------------------------------------
