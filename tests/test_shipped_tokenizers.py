@@ -84,6 +84,16 @@ def test_roundtrip_and_byte_lengths(shipped: dict[str, Path], family: str) -> No
             assert tok.decode(ids) == text or family == "mistral-metaspace" and text.startswith(" ")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_strings_join_into_the_text(shipped: dict[str, Path], family: str) -> None:
+    """What the OpenAI API's log-prob tokens and the demo page show: the pieces of a text, spaces included."""
+    tok = Tokenizer.load(shipped[family])
+    text = "def add(a, b):\n    return a + b  # sum"
+    joined = "".join(tok.token_strings(tok.encode(text)))
+    # SentencePiece layouts prepend the "▁" that stands for a space to the text.
+    assert joined == (" " + text if family in ("llama2", "mistral-metaspace") else text)
+
+
 def test_byte_fallback_lengths(shipped: dict[str, Path]) -> None:
     tok = Tokenizer.load(shipped["llama2"])
     lengths = tok.token_byte_lengths()

@@ -26,6 +26,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -221,12 +222,24 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
-        """Each id as the text it stands for (special tokens by name)."""
-        return [self.hf.id_to_token(i) if i in self.special_ids else self.hf.decode([i]) for i in ids]
+        """Each id as the text it stands for (special tokens by name), so that the strings of a text's ids
+        join into the text (the OpenAI API's log-prob tokens and offsets rely on it)."""
+        return [self.hf.id_to_token(i) if i in self.special_ids else self._piece(i) for i in ids]
+
+    def _piece(self, i: int) -> str:
+        token = self.hf.id_to_token(i)
+        if self._byte_level or _BYTE_FALLBACK.fullmatch(token):
+            return self.hf.decode([i])
+        # SentencePiece style: decoding one token alone strips the space its "▁" stands for.
+        return token.replace(SPIECE_SPACE, " ")
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return _is_byte_level(self.hf)
 
     def token_byte_lengths(self) -> list[int]:
         """UTF-8 bytes each id stands for; 0 for special tokens (for bits-per-byte)."""
-        byte_level = _is_byte_level(self.hf)
+        byte_level = self._byte_level
         added = {t.content for t in self.hf.get_added_tokens_decoder().values()}
         lengths = [0] * self.vocab_size
         for tok, i in self.hf.get_vocab().items():
