@@ -125,6 +125,15 @@ def test_serve_answers_the_openai_client_with_transformers_numbers(checkpoint: t
         assert r.choices[0].message.content == ref.tok.decode(expected, skip_special_tokens=True)
         got = [t.logprob for t in r.choices[0].logprobs.content]
         assert got == pytest.approx(ref.logprobs(prompt + expected)[len(prompt) - 1:], abs=1e-4)
+        # Function definitions reach the template as in transformers.
+        tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+            "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]
+        r_tools = client.chat.completions.create(model="m", messages=ASK, tools=tools, max_tokens=6, temperature=0)
+        with_tools = ref.tok.apply_chat_template(ASK, tools=tools, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        assert r_tools.usage.prompt_tokens == len(with_tools) > len(prompt)
+        assert r_tools.choices[0].message.content == ref.tok.decode(ref.greedy(with_tools, 6), skip_special_tokens=True)
+
         # The stream: the same tokens. (Its text is compared by tokens: the engine streams text by decoding
         # the reply so far, which a byte-fallback tokenizer does not extend monotonically when a random model
         # emits invalid UTF-8 bytes; see the report of issue 12.)

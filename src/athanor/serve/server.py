@@ -234,7 +234,7 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest) -> JSONResponse | StreamingResponse:
         # The model's own chat template; a reply ends at any of its stop ids (every eos it ships).
-        ids = tok.encode_chat([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        ids = tok.encode_chat([m.model_dump() for m in body.messages], add_generation_prompt=True, tools=body.tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(engine)
