@@ -240,3 +240,11 @@ def test_terminal_chat_streams_answers(run_dir: Path) -> None:
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2 and "/reset" in r.stdout  # the help line
+
+
+def test_tools_are_never_silently_dropped(client: openai.OpenAI) -> None:
+    """`tools` goes to the chat template; athanor's own format has no place for them, so it says so."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError, match="no tools"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                       max_tokens=1)

@@ -11,9 +11,13 @@ from conftest import SMALL_CORPUS
 from shipped_tokenizers import FAMILIES, build
 
 from athanor.chat_template import ChatTemplate
-from athanor.data.corpus import iter_documents
+from athanor.data.corpus import DataConfig, iter_documents
+from athanor.data.formats import check_file, load_examples
+from athanor.data.shards import build_shards, open_tokens
 from athanor.errors import AthanorError
+from athanor.quant.imatrix import calibration_tokens
 from athanor.tokenizer import Tokenizer
+from athanor.train.sft import encode_examples
 
 HOSTILE = [
     "Hello world", "  two leading spaces", " one", "", " ", "trailing  ", "\tTabs\tand\nnewlines\n\n\n",
@@ -78,6 +82,16 @@ def test_roundtrip_and_byte_lengths(shipped: dict[str, Path], family: str) -> No
         assert sum(lengths[i] for i in ids) == len(seen.encode()) + prepended, text
         if family != "qwen2":
             assert tok.decode(ids) == text or family == "mistral-metaspace" and text.startswith(" ")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_strings_join_into_the_text(shipped: dict[str, Path], family: str) -> None:
+    """What the OpenAI API's log-prob tokens and the demo page show: the pieces of a text, spaces included."""
+    tok = Tokenizer.load(shipped[family])
+    text = "def add(a, b):\n    return a + b  # sum"
+    joined = "".join(tok.token_strings(tok.encode(text)))
+    # SentencePiece layouts prepend the "▁" that stands for a space to the text.
+    assert joined == (" " + text if family in ("llama2", "mistral-metaspace") else text)
 
 
 def test_byte_fallback_lengths(shipped: dict[str, Path]) -> None:
@@ -207,7 +221,41 @@ def test_save_keeps_the_shipped_config(shipped: dict[str, Path], tmp_path: Path)
     tok.save(tmp_path / "out", model_max_length=64)
     again = Tokenizer.load(tmp_path / "out")
     assert again.bos_id == tok.bos_id and again.chat is not None
+    # generation_config.json's eos list comes along, so a model fine-tuned from it stops where it did.
+    assert again.stop_ids == tok.stop_ids == [1, 4, 5]
     assert again.render_chat(CHAT, **TEMPLATE_KW) == tok.render_chat(CHAT, **TEMPLATE_KW)
+
+
+# -- the stages that read a shipped tokenizer ------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_documents_start_as_the_tokenizer_starts_them(shipped: dict[str, Path], family: str,
+                                                      tmp_path: Path) -> None:
+    """Shards, calibration text and prompts take BOS from the tokenizer's own rule: Llama 3 adds one,
+    Qwen2 has none (its bos_token is null)."""
+    tok = Tokenizer.load(shipped[family])
+    doc = "def one():\n    return 1\n\n\nclass Two:\n    pass\n" * 4
+    (tmp_path / "doc.txt").write_text(doc)
+    build_shards(DataConfig(paths=[str(tmp_path / "doc.txt")], val_fraction=0.2), tok, tmp_path / "shards",
+                 show_progress=False)
+    # One document cannot be split by document: the held-out part is the stream's tail, given its own BOS.
+    train, val = ([int(t) for t in open_tokens(tmp_path / "shards", s)] for s in ("train", "val"))
+    head = [tok.bos_id] if tok.add_bos else []
+    assert val[:len(head)] == head and train + val[len(head):] == head + tok.encode(doc)
+    text = tmp_path / "calib.txt"
+    text.write_text(doc)
+    assert calibration_tokens(shipped[family], 1000, text_file=text).tolist() == tok.encode_prompt(doc)
+
+
+def test_sft_data_the_template_cannot_mask_is_refused_at_its_line(shipped: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT[1:3]}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    tok = Tokenizer.load(shipped["qwen2"])  # Qwen3's template drops earlier think blocks: multi-turn is unmaskable
+    with pytest.raises(AthanorError, match=r"chat.jsonl:2: .*message 2 .assistant. differently"):
+        encode_examples(load_examples(data), tok, 256)
+    report = check_file(data, tok)
+    assert report["errors"] == 1 and "chat.jsonl:2" in report["error_list"][0] and report["tokens"]["max"] > 0
 
 
 # -- against transformers' AutoTokenizer -------------------------------------------------------------

@@ -26,6 +26,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,9 @@ class Tokenizer:
         self.stop_ids = sorted({self.end_id, self.eos_id, *own, *stop_ids})
         # The model's own rule, read from what its tokenizer.json adds (what transformers follows too).
         self.add_bos = self.bos_id is not None and hf.encode("a").ids[:1] == [self.bos_id]
+        # A shipped generation_config.json (eos list, sampling defaults), written back by `save` so a
+        # model fine-tuned from it still stops where it did.
+        self.generation_config: dict[str, Any] | None = None
 
     def _name_athanor_tokens(self) -> None:
         hf = self.hf
@@ -160,6 +164,8 @@ class Tokenizer:
         else:  # a shipped tokenizer's config, with a chat_template.jinja beside it folded in
             config = {**self.config, "model_max_length": model_max_length}
         atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        if self.generation_config is not None:
+            atomic_write_text(out_dir / "generation_config.json", json.dumps(self.generation_config, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -185,14 +191,17 @@ class Tokenizer:
         if template is not None:  # one string from here on, whichever way it was shipped
             config["chat_template"] = template
         generation_file = file.parent / "generation_config.json"
-        eos = (_read_json(generation_file) or {}).get("eos_token_id")
+        generation = _read_json(generation_file)
+        eos = (generation or {}).get("eos_token_id")
         stop_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
         if not all(isinstance(i, int) and 0 <= i < hf.get_vocab_size() for i in stop_ids):
             raise AthanorError(f"expected token ids, got {eos!r}", path=generation_file, field="eos_token_id")
         try:
-            return cls(hf, config, stop_ids)
+            tok = cls(hf, config, stop_ids)
         except AthanorError as e:  # name the file the bad entry came from
             raise AthanorError(str(e), path=file.parent / "tokenizer_config.json") from None
+        tok.generation_config = generation
+        return tok
 
     # -- encoding ----------------------------------------------------------------------
     @property
@@ -213,12 +222,24 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
-        """Each id as the text it stands for (special tokens by name)."""
-        return [self.hf.id_to_token(i) if i in self.special_ids else self.hf.decode([i]) for i in ids]
+        """Each id as the text it stands for (special tokens by name), so that the strings of a text's ids
+        join into the text (the OpenAI API's log-prob tokens and offsets rely on it)."""
+        return [self.hf.id_to_token(i) if i in self.special_ids else self._piece(i) for i in ids]
+
+    def _piece(self, i: int) -> str:
+        token = self.hf.id_to_token(i)
+        if self._byte_level or _BYTE_FALLBACK.fullmatch(token):
+            return self.hf.decode([i])
+        # SentencePiece style: decoding one token alone strips the space its "▁" stands for.
+        return token.replace(SPIECE_SPACE, " ")
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return _is_byte_level(self.hf)
 
     def token_byte_lengths(self) -> list[int]:
         """UTF-8 bytes each id stands for; 0 for special tokens (for bits-per-byte)."""
-        byte_level = _is_byte_level(self.hf)
+        byte_level = self._byte_level
         added = {t.content for t in self.hf.get_added_tokens_decoder().values()}
         lengths = [0] * self.vocab_size
         for tok, i in self.hf.get_vocab().items():

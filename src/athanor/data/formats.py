@@ -149,6 +149,16 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> I
                 errors.append(RecordError(why, str(path), n))
 
 
+def render_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
+    """`ex` as token ids and its assistant-only loss mask, from the tokenizer's chat format (a shipped
+    model's own template); a conversation the template cannot render or mask is an error at its line."""
+    try:
+        return tokenizer.render_chat(ex.messages)
+    except AthanorError as e:
+        raise RecordError(f"cannot render this conversation with the tokenizer's chat format: {e}",
+                          ex.path, ex.line) from None
+
+
 def load_examples(path: str | Path) -> list[Example]:
     """Every record of `path` as a conversation; the first bad record raises with its place."""
     examples = [to_messages(rec, str(path), line) for line, rec in iter_records(path)]
@@ -175,7 +185,11 @@ def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20) ->
         turns.append(len(ex.messages))
         chars.append(sum(len(m["content"]) for m in ex.messages))
         if tokenizer is not None:
-            ids, mask = tokenizer.render_chat(ex.messages)
+            try:
+                ids, mask = render_example(tokenizer, ex)
+            except RecordError as e:
+                bad.append(e)
+                continue
             total_tokens.append(len(ids))
             loss_tokens.append(sum(mask))
     n_errors, errors = len(bad), [str(e) for e in bad[:max_errors]]

@@ -1,9 +1,10 @@
 """Token shards: the corpus tokenized once into flat, memory-mapped arrays.
 
 `train.bin` and `val.bin` hold token ids (uint16 when the vocabulary fits, else uint32),
-each document preceded by BOS so the model learns where documents start. `meta.json`,
-written last and atomically, records what made them (corpus, tokenizer) and is the commit
-marker: shards without a matching `meta.json` are rebuilt, never trusted.
+each document preceded by BOS where the tokenizer adds one (as the model will read prompts), so
+the model learns where documents start. `meta.json`, written last and atomically, records
+what made them (corpus, tokenizer) and is the commit marker: shards without a matching
+`meta.json` are rebuilt, never trusted.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class ShardMeta:
 def _fingerprint(config: DataConfig, tokenizer: Tokenizer) -> str:
     import sys
 
-    key = json.dumps({"data": asdict(config), "tokenizer": tokenizer.fingerprint(),
+    # Whether documents start with BOS is the post-processor's call, which the tokenizer's fingerprint leaves out.
+    key = json.dumps({"data": asdict(config), "tokenizer": tokenizer.fingerprint(), "bos": tokenizer.add_bos,
                       "python": sys.version if not config.paths else None}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -69,6 +71,7 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
             return meta
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    head = [tokenizer.bos_id] if tokenizer.add_bos else []
     tmp = {s: out_dir / f".{s}.bin.tmp" for s in SPLITS}
     files = {s: open(tmp[s], "wb") for s in SPLITS}
     tokens = dict.fromkeys(SPLITS, 0)
@@ -79,7 +82,7 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
         for batch in _batched(iter_documents(config), 256):
             for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
                 split = "val" if is_held_out(doc.id, config.val_fraction) else "train"
-                arr = np.asarray([tokenizer.bos_id, *ids], dtype=dtype)
+                arr = np.asarray(head + ids, dtype=dtype)
                 arr.tofile(files[split])
                 tokens[split] += arr.size
                 documents[split] += 1
@@ -94,7 +97,7 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
             p.unlink(missing_ok=True)
         raise AthanorError("the corpus is empty: no document has any text", path=describe(config))
     if documents["train"] == 0 or documents["val"] == 0:
-        _split_by_tokens(tmp, dtype, config.val_fraction, tokens, documents, nbytes)
+        _split_by_tokens(tmp, dtype, head, config.val_fraction, tokens, documents, nbytes)
     # meta.json commits the pair: drop the old one first, so a kill between the two replaces
     # leaves shards that get rebuilt, never a new train split trusted with an old val split.
     meta_path.unlink(missing_ok=True)
@@ -107,16 +110,17 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
     return meta
 
 
-def _split_by_tokens(tmp: dict[str, Path], dtype: type, val_fraction: float, tokens: dict[str, int],
-                     documents: dict[str, int], nbytes: dict[str, int]) -> None:
+def _split_by_tokens(tmp: dict[str, Path], dtype: type, head: list[int], val_fraction: float,
+                     tokens: dict[str, int], documents: dict[str, int], nbytes: dict[str, int]) -> None:
     """Too few documents for a document-level split (one big file, say): hold out the tail
-    `val_fraction` of the token stream instead, so there is always something to evaluate on."""
+    `val_fraction` of the token stream instead, so there is always something to evaluate on
+    (starting with `head`, the BOS a document starts with, if any)."""
     all_ids = np.concatenate([np.fromfile(tmp[s], dtype=dtype) for s in SPLITS])
     total_bytes = nbytes["train"] + nbytes["val"]
     cut = int(len(all_ids) * (1 - max(val_fraction, 0.01)))
     if cut < 2 or len(all_ids) - cut < 2:
         raise AthanorError(f"the corpus is too small to hold out anything ({len(all_ids)} tokens)")
-    parts = {"train": all_ids[:cut], "val": np.concatenate([[all_ids[0]], all_ids[cut:]]).astype(dtype)}
+    parts = {"train": all_ids[:cut], "val": np.concatenate([head, all_ids[cut:]]).astype(dtype)}
     for s in SPLITS:
         parts[s].tofile(tmp[s])
         tokens[s] = int(parts[s].size)

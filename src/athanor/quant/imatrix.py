@@ -32,7 +32,7 @@ def calibration_tokens(run_dir: str | Path, n_tokens: int, split: str = "train",
         if not text_file.is_file():
             raise AthanorError("calibration text not found", path=text_file)
         tok = Tokenizer.load(run_dir)
-        ids = [tok.bos_id, *tok.encode(text_file.read_text(errors="replace"))]
+        ids = tok.encode_prompt(text_file.read_text(errors="replace"))
         return torch.tensor(ids[:n_tokens], dtype=torch.long)
     shard = run_dir / "data" / f"{split}.bin"
     if not shard.is_file():

@@ -25,7 +25,7 @@ def chat(run_dir: str | Path, system: str | None = None, temperature: float = 0.
     tok = Tokenizer.load(run_dir)
     engine = Engine(load_pretrained(run_dir, device=device), max_batch=1, decode=tok.decode)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            stop_ids=[tok.end_id, tok.eos_id, tok.bos_id])
+                            stop_ids=tok.stop_ids)
     params.validate(engine.vocab_size)  # bad settings fail now, not after the first message
     head = [{"role": "system", "content": system}] if system else []
     turns: list[dict[str, str]] = []
@@ -44,10 +44,10 @@ def chat(run_dir: str | Path, system: str | None = None, temperature: float = 0.
         if not line.strip():
             continue
         turns.append({"role": "user", "content": line})
-        ids, _ = tok.render_chat(head + turns, add_generation_prompt=True)
+        ids = tok.encode_chat(head + turns, add_generation_prompt=True)
         while len(ids) >= engine.max_len - 1 and len(turns) > 1:  # forget the oldest exchange
             turns = turns[2:]
-            ids, _ = tok.render_chat(head + turns, add_generation_prompt=True)
+            ids = tok.encode_chat(head + turns, add_generation_prompt=True)
 
         def show(event, out: TextIO = out) -> None:
             out.write(event.text)

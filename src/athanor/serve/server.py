@@ -178,16 +178,15 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
         p = body.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
             texts = [p] if isinstance(p, str) else list(p)
-            prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
-            skip = 1  # the BOS we added is not part of the echoed text
+            prompts = [tok.encode_prompt(t) for t in texts]
+            skip = int(tok.add_bos)  # a BOS the tokenizer added is not part of the echoed text
         else:
             prompts = [list(p)] if not p or isinstance(p[0], int) else [list(x) for x in p]
             texts, skip = [tok.decode(x) for x in prompts], 0
-        stop_ids = [tok.eos_id, tok.bos_id]
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
         job = _Job(engine)
         job.submit(prompts, lambda j: body.sampling(context if body.max_tokens is None else body.max_tokens,
-                                                    stop_ids, body.logprobs, prompt_lp, j), body.n)
+                                                    tok.stop_ids, body.logprobs, prompt_lp, j), body.n)
         rid, n = f"cmpl-{uuid.uuid4().hex[:24]}", body.n
 
         def echo_part(i: int) -> tuple[str, dict[str, list] | None]:
@@ -234,12 +233,13 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest) -> JSONResponse | StreamingResponse:
-        ids, _ = tok.render_chat([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        # The model's own chat template; a reply ends at any of its stop ids (every eos it ships).
+        ids = tok.encode_chat([m.model_dump() for m in body.messages], add_generation_prompt=True, tools=body.tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(engine)
         job.submit([ids], lambda j: body.sampling(context if max_tokens is None else max_tokens,
-                                                  [tok.end_id, tok.eos_id, tok.bos_id], top, None, j), body.n)
+                                                  tok.stop_ids, top, None, j), body.n)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
@@ -266,8 +266,8 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
     def next_token(body: NextTokenRequest) -> dict[str, Any]:
         """The demo's view: how the prefix tokenizes and the next-token distribution after
         temperature and top-k, as a sampler would draw from it."""
-        text_ids = tok.encode(body.prompt)
-        ids = [tok.bos_id, *text_ids]
+        ids = tok.encode_prompt(body.prompt)
+        text_ids = ids[int(tok.add_bos):]
         if len(ids) > context:
             raise AthanorError(f"the prefix has {len(ids)} tokens; the context is {context}", field="prompt")
         with torch.no_grad():

@@ -1,9 +1,10 @@
 """Supervised fine-tuning: teach a base model the chat format, on the one trainer loop.
 
-- Loss on the assistant's tokens only (the loss mask of `Tokenizer.render_chat`): the model
-  learns to answer and to close its turn, not to imitate users. An example whose mask is empty
-  (after truncation to `seq_len`) is rejected at load time with its file and line; a step whose
-  batch holds no loss token is an error in the loop.
+- Loss on the assistant's tokens only (the loss mask of `Tokenizer.render_chat`, from the base
+  model's own chat template when it ships one): the model learns to answer and to close its turn,
+  not to imitate users. A conversation the template cannot mask, or an example whose mask is
+  empty (after truncation to `seq_len`), is rejected at load time with its file and line; a step
+  whose batch holds no loss token is an error in the loop.
 - Packing: conversations are laid end to end in rows of `seq_len` tokens, and a block-diagonal
   causal mask (through `attention_mask`) keeps each one from attending to its neighbours, so a
   packed row trains exactly like the conversations one by one, without the compute of padding.
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from athanor.config import save_yaml
-from athanor.data.formats import Example, iter_records, load_examples
+from athanor.data.formats import Example, iter_records, load_examples, render_example
 from athanor.data.sampler import EpochSampler
 from athanor.data.synth import KINDS, Task, make_splits, read_tasks, write_tasks
 from athanor.errors import AthanorError
@@ -87,7 +88,7 @@ def encode_examples(examples: list[Example], tok: Tokenizer, seq_len: int) -> li
     """Render each conversation; keep at most seq_len + 1 tokens (inputs and shifted targets)."""
     out = []
     for ex in examples:
-        ids, mask = tok.render_chat(ex.messages)
+        ids, mask = render_example(tok, ex)
         ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
         if not any(mask[1:]):
             raise AthanorError(f"no assistant token left to learn from within seq_len={seq_len} "
