@@ -233,14 +233,14 @@ def _patch_field(path: Path, key: str, value: int) -> None:
 
 
 def test_import_of_a_bad_file_is_one_error_and_writes_nothing(tmp_path: Path, tokenizer_dir: Path) -> None:
-    import json
 
-    # Vocabulary and merges that disagree: a merge of two strings that are not tokens.
+    # Vocabulary and merges that disagree: the last merge overwritten in place (same length) by two
+    # strings that are not tokens (DEL is outside the byte-level alphabet).
     run = make_run(tmp_path, tokenizer_dir)
-    tj = json.loads((run / "tokenizer.json").read_text())
-    tj["model"]["merges"].append(["zqzqx", "qxzqz"])
-    (run / "tokenizer.json").write_text(json.dumps(tj))
     export_gguf(run, tmp_path / "merges.gguf", "F32")
+    merges = gguf.GGUFReader(tmp_path / "merges.gguf", "r+").fields["tokenizer.ggml.merges"]
+    last = merges.parts[merges.data[-1]]
+    last[:] = np.frombuffer(b"\x7f " + b"\x7f" * (len(last) - 2), np.uint8)
     # K rows that do not split into the KV heads: 6 heads of 32, 2 KV heads (64 K rows), told 3.
     (tmp_path / "b").mkdir()
     run6 = make_run(tmp_path / "b", tokenizer_dir, hidden_size=192, num_attention_heads=6, num_key_value_heads=2)
