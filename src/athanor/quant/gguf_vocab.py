@@ -9,10 +9,10 @@ splits text differently:
 
 - byte-level BPE (Llama 3, Qwen2, SmolLM, GPT-2, athanor's own): `gpt2` with the token strings,
   the merges in rank order and the pre-tokenizer's name from `PRE_TOKENIZERS`;
-- "▁" BPE with byte fallback (Llama 2, Mistral), as a Prepend/Replace normalizer or a Metaspace
-  pre-tokenizer: `llama` (llama.cpp's SentencePiece tokenizer), which merges the adjacent pair
-  whose joined string has the highest score, so each token's score is minus the rank of the
-  merge that makes it: the same order the BPE merges apply in.
+- "▁" BPE with byte fallback in Llama 2's layout (a Prepend/Replace normalizer; Mistral's Metaspace
+  layout is refused, see `_spm_space_prefix`): `llama` (llama.cpp's SentencePiece tokenizer), which
+  merges the adjacent pair whose joined string has the highest score, so each token's score is minus
+  the rank of the merge that makes it: the same order the BPE merges apply in.
 
 Token types follow llama.cpp: 1 normal, 2 unknown, 3 control (special tokens), 4 user-defined
 (added, not special), 5 unused (padding rows), 6 byte (`<0xNN>`).
@@ -102,7 +102,8 @@ def _signature(step: dict[str, Any]) -> tuple:
         return (kind, pattern.get("Regex", pattern.get("String")), step.get("behavior"), bool(step.get("invert")))
     if kind == "Digits":
         return (kind, bool(step.get("individual_digits")))
-    return (kind, json.dumps({k: v for k, v in step.items() if k != "type"}, sort_keys=True))
+    rest = {k: v for k, v in step.items() if k != "type"}
+    return (kind, json.dumps(rest, sort_keys=True)) if rest else (kind,)
 
 
 def _pre_tokenizer_name(tj: dict[str, Any], path: Path) -> str:
@@ -120,18 +121,21 @@ def _pre_tokenizer_name(tj: dict[str, Any], path: Path) -> str:
 
 
 def _spm_space_prefix(tj: dict[str, Any], path: Path) -> bool:
-    """Whether a "▁" BPE tokenizer puts "▁" before the text (llama.cpp's add_space_prefix), for the
-    two layouts llama.cpp's SentencePiece tokenizer reproduces; any other is refused."""
+    """Whether a "▁" BPE tokenizer puts "▁" before each text (llama.cpp's add_space_prefix). llama.cpp's
+    SentencePiece tokenizer reproduces the normalizer layout of Llama 2 (Replace " " by "▁", with or
+    without a Prepend("▁")), which it applies to each run of text between special tokens. A Metaspace
+    pre-tokenizer (Mistral's layout) prepends only when the text does not start with a space, and with
+    prepend_scheme "first" not after a special token: llama.cpp has no such rule, so it is refused."""
     norm = [_signature(s) for s in _steps(tj.get("normalizer"), "normalizers")]
     pre = _steps(tj.get("pre_tokenizer"), "pretokenizers")
     replace = ("Replace", json.dumps({"content": SPIECE_SPACE, "pattern": {"String": " "}}, sort_keys=True))
     if not pre and norm in ([replace], [("Prepend", json.dumps({"prepend": SPIECE_SPACE})), replace]):
         return len(norm) == 2
-    if not norm and len(pre) == 1 and pre[0].get("type") == "Metaspace" and pre[0].get("replacement") == SPIECE_SPACE:
-        return pre[0].get("prepend_scheme", "always") != "never"
-    raise AthanorError("this \"▁\" BPE tokenizer's normalizer/pre-tokenizer is neither Llama 2's (Prepend + Replace) "
-                       "nor Mistral's (Metaspace), the layouts llama.cpp's SentencePiece tokenizer reproduces",
-                       path=path, field="normalizer")
+    layout = " + ".join(s.get("type", "?") for s in _steps(tj.get("normalizer"), "normalizers") + pre) or "none"
+    raise AthanorError(f"this \"▁\" BPE tokenizer's layout ({layout}) has no llama.cpp equivalent: llama.cpp's "
+                       "SentencePiece tokenizer follows only Llama 2's normalizer (Prepend(\"▁\") + Replace(\" \", "
+                       "\"▁\")), and a Metaspace pre-tokenizer would tokenize text that starts with a space or "
+                       "follows a special token differently", path=path, field="pre_tokenizer")
 
 
 def vocab_from_run(run_dir: Path, vocab_size: int) -> GGUFVocab:
