@@ -169,12 +169,12 @@ def vocab_from_run(run_dir: Path, vocab_size: int) -> GGUFVocab:
     def kind_of(i: int) -> int:
         if i not in strings:
             return UNUSED
+        if i == unk_id:  # before CONTROL: the unknown token is often also a special token
+            return UNKNOWN
         if i in tok.special_ids or added.get(i, {}).get("special"):
             return CONTROL
         if i in added:
             return USER_DEFINED
-        if i == unk_id:
-            return UNKNOWN
         return BYTE if kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", tokens[i]) else NORMAL
 
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
