@@ -357,8 +357,10 @@ def test_export_refuses_what_llama_cpp_cannot_reproduce(tmp_path: Path) -> None:
     """One error each, and no file: Mistral's Metaspace layout, a byte-level split llama.cpp has no
     name for, Qwen3's attention output bias, Llama 3's RoPE scaling on a Qwen."""
     out = tmp_path / "m.gguf"
+    mistral = _family_run(tmp_path, "mistral-metaspace")
     with pytest.raises(AthanorError, match="Metaspace"):
-        export_gguf(_family_run(tmp_path, "mistral-metaspace"), out)
+        export_gguf(mistral, out)
+    _one_error_line(*_athanor("export", mistral, "--type", "F32", "--out", out), "Metaspace", "no llama.cpp equivalent")
     run = _family_run(tmp_path, "llama3")
     tj = json.loads((run / "tokenizer.json").read_text())
     tj["model"]["ignore_merges"] = False  # Llama 3's regex without ignore_merges: no llama.cpp name

@@ -259,12 +259,18 @@ def _open_reader(path: Path) -> Any:
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the decimal its writer meant (1e-06, not 9.999999974752427e-07):
+    the shortest one that rounds to the same float32."""
+    return float(str(np.float32(value)))
+
+
 def _rope_scaling(reader: Any, arch: str, path: Path, base: ModelConfig) -> dict[str, Any] | None:
     """transformers' rope_scaling for the file's `rope.scaling.*` keys (linear) or its `rope_freqs`
     factors (Llama 3: a stretch of the long wavelengths, kept short ones, a smooth band between)."""
     kind = _field(reader, f"{arch}.rope.scaling.type", path, "none")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor", path))}
+        return {"rope_type": "linear", "factor": _f32(_field(reader, f"{arch}.rope.scaling.factor", path))}
     if kind != "none":
         raise AthanorError(f"RoPE scaling {kind!r} is not supported (supported: linear, llama3)", path=path,
                            field=f"{arch}.rope.scaling.type")
@@ -298,12 +304,13 @@ def _llama3_scaling(factors: torch.Tensor, inv_freq: torch.Tensor) -> dict[str, 
         offset = float(smooth.mean() - slope * x.mean())
         high = 1 - 1 / offset if offset < 0 else None
         original = -slope / offset if offset < 0 else None
-    else:
+    else:  # the band's edges inside the gap, apart from every wavelength, so clamping keeps 1 and factor exact
         kept, stretched = wavelength[f <= 1 + 1e-6], wavelength[f >= factor - 1e-6]
-        if len(kept) == 0 or len(stretched) == 0:
+        if len(kept) == 0 or len(stretched) == 0 or float(kept.max()) >= float(stretched.min()):
             return None
-        original = float(stretched.min())
-        high = original / float(kept.max())
+        gap = float(stretched.min()) - float(kept.max())
+        original = float(kept.max()) + 2 * gap / 3
+        high = original / (float(kept.max()) + gap / 3)
     if high is None or original is None or high <= 1:
         return None
     scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
@@ -344,8 +351,8 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], GGUFVo
             num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", path, heads)),
             head_dim=int(head_dim or _field(reader, f"{arch}.rope.dimension_count", path, hidden // heads)),
             max_position_embeddings=int(_field(reader, f"{arch}.context_length", path)),
-            rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-            rope_theta=float(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
+            rms_norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+            rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
             tie_word_embeddings="output.weight" not in names,
             # qwen2's q/k/v biases come with the architecture; llama's and qwen3's flag covers all four.
             attention_bias=arch != "qwen2" and "blk.0.attn_q.bias" in names,
