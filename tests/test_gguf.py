@@ -376,3 +376,23 @@ def test_export_refuses_what_llama_cpp_cannot_reproduce(tmp_path: Path) -> None:
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32}), out)
     assert not out.exists()
+
+
+def test_llama_biases_are_permuted_like_their_rows(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Llama with attention_bias: q and k biases are laid out per head as their weight rows are."""
+    run = make_run(tmp_path, tokenizer_dir, attention_bias=True)
+    from athanor.model.hf import load_pretrained
+
+    model = load_pretrained(run).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    save_pretrained(model, run)
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    k = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.attn_k.bias")
+    bias = model.model.layers[0].self_attn.k_proj.bias.detach()
+    assert np.array_equal(np.asarray(k.data), rope_permute(bias, 2).numpy())
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(load_gguf(tmp_path / "m.gguf")(ids), model(ids))

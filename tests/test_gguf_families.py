@@ -45,6 +45,12 @@ CASES = {
     "qwen3": ("qwen2", "Qwen3Config", dict(tie_word_embeddings=True, head_dim=32)),
     "smollm2": ("smollm2", "LlamaConfig", dict(tie_word_embeddings=True)),
     "llama2": ("llama2", "LlamaConfig", dict(tie_word_embeddings=False)),
+    # Variants of the architectures: linear RoPE scaling (rope.scaling.* keys), Llama's q/k/v/o biases
+    # (q and k permuted with their rows), Qwen3 untied with KV heads = heads.
+    "llama-linear-rope": ("llama3", "LlamaConfig", dict(tie_word_embeddings=True,
+                                                        rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-bias": ("smollm2", "LlamaConfig", dict(tie_word_embeddings=False, attention_bias=True)),
+    "qwen3-untied": ("qwen2", "Qwen3Config", dict(tie_word_embeddings=False, num_key_value_heads=4)),
 }  # Mistral's Metaspace layout is refused by export (test_gguf.py)
 # The llama.cpp pre-tokenizer each byte-level family's real model gets from convert_hf_to_gguf.py
 # (by the hash of its tokenization of a fixed text; a tiny vocabulary has no registered hash).

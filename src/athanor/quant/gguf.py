@@ -91,6 +91,13 @@ def rope_permute(rows: torch.Tensor, heads: int, inverse: bool = False) -> torch
     return rows.reshape(heads, 2, half, *rest).transpose(1, 2).reshape(rows.shape)
 
 
+def _permute_rows(data: torch.Tensor, rows: int, cols: int, heads: int, inverse: bool = False) -> torch.Tensor:
+    """`rope_permute` of a Q or K tensor's bytes: a weight's rows, or a bias's values (stored as one
+    row of F32: one value per row of its weight)."""
+    by_row = data if rows > 1 else data.view(cols, -1)
+    return rope_permute(by_row, heads, inverse).reshape(data.shape)
+
+
 def _rope_heads(hf_name: str, config: ModelConfig) -> int | None:
     """Heads to permute the rows of Q and K by: llama.cpp's `llama` architecture rotates adjacent
     pairs; its `qwen2`/`qwen3` rotate halves ("NEOX"), as transformers does, so they stay as they are."""
@@ -109,7 +116,7 @@ def _tensor_array(q: QTensor, hf_name: str, config: ModelConfig) -> np.ndarray:
     data = q.data
     heads = _rope_heads(hf_name, config)
     if heads is not None:
-        data = rope_permute(data, heads)  # rows permute the same in bytes: blocks never span rows
+        data = _permute_rows(data, q.rows, q.cols, heads)  # bytes permute as rows do: blocks never span rows
     arr = data.contiguous().numpy()
     if q.qtype.name == "F32":
         arr = arr.view(np.float32)
@@ -379,10 +386,11 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], GGUFVo
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1).copy())
         heads_here = _rope_heads(hf, config)
         if heads_here is not None:
-            if rows % (2 * heads_here):
-                raise AthanorError(f"{rows} rows do not split into {heads_here} heads of two RoPE halves (the "
+            n = rows if rows > 1 else cols
+            if n % (2 * heads_here):
+                raise AthanorError(f"{n} rows do not split into {heads_here} heads of two RoPE halves (the "
                                    "metadata's head counts do not fit the tensor)", path=path, field=t.name)
-            data = rope_permute(data, heads_here, inverse=True)
+            data = _permute_rows(data, rows, cols, heads_here, inverse=True)
         weights[hf] = QTensor(qtype, data, rows, cols)
     scores = _field(reader, "tokenizer.ggml.scores", path, required=False)
     vocab = GGUFVocab(model=_field(reader, "tokenizer.ggml.model", path, ""), tokens=list(tokens),
