@@ -28,9 +28,10 @@ FAMILIES = ("llama3", "qwen2", "smollm2", "llama2", "mistral-metaspace")
 
 
 def _byte_level(texts: Iterable[str], split: pre_tokenizers.PreTokenizer | None, specials: list[str],
-                vocab_size: int) -> HFTokenizer:
+                vocab_size: int, gpt2_regex: bool = False) -> HFTokenizer:
+    """`gpt2_regex`: ByteLevel also splits with GPT-2's regex (SmolLM's digits split is followed by it)."""
     hf = HFTokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None or gpt2_regex)
     hf.pre_tokenizer = byte_level if split is None else pre_tokenizers.Sequence([split, byte_level])
     hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
@@ -86,7 +87,7 @@ def build(family: str, texts: list[str], out: Path, vocab_size: int = 600) -> Pa
             split = pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated")
         else:
             split = pre_tokenizers.Digits(individual_digits=True)
-        hf = _byte_level(texts, split, specials, vocab_size)
+        hf = _byte_level(texts, split, specials, vocab_size, gpt2_regex=family == "smollm2")
         if family == "qwen2":
             hf.normalizer = normalizers.NFC()
         hf.post_processor = processors.ByteLevel(trim_offsets=False)

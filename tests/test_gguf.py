@@ -1,5 +1,6 @@
 """GGUF export and import with gguf-py: metadata, tokenizer, RoPE permutation, malformed files."""
 
+import json
 from pathlib import Path
 
 import gguf
@@ -233,14 +234,14 @@ def _patch_field(path: Path, key: str, value: int) -> None:
 
 
 def test_import_of_a_bad_file_is_one_error_and_writes_nothing(tmp_path: Path, tokenizer_dir: Path) -> None:
-    import json
 
-    # Vocabulary and merges that disagree: a merge of two strings that are not tokens.
+    # Vocabulary and merges that disagree: the last merge overwritten in place (same length) by two
+    # strings that are not tokens (DEL is outside the byte-level alphabet).
     run = make_run(tmp_path, tokenizer_dir)
-    tj = json.loads((run / "tokenizer.json").read_text())
-    tj["model"]["merges"].append(["zqzqx", "qxzqz"])
-    (run / "tokenizer.json").write_text(json.dumps(tj))
     export_gguf(run, tmp_path / "merges.gguf", "F32")
+    merges = gguf.GGUFReader(tmp_path / "merges.gguf", "r+").fields["tokenizer.ggml.merges"]
+    last = merges.parts[merges.data[-1]]
+    last[:] = np.frombuffer(b"\x7f " + b"\x7f" * (len(last) - 2), np.uint8)
     # K rows that do not split into the KV heads: 6 heads of 32, 2 KV heads (64 K rows), told 3.
     (tmp_path / "b").mkdir()
     run6 = make_run(tmp_path / "b", tokenizer_dir, hidden_size=192, num_attention_heads=6, num_key_value_heads=2)
@@ -281,3 +282,117 @@ def test_quantize_writers_refuse_to_replace_without_force(tmp_path: Path, tokeni
     (run / "quant" / "scorecard.md").write_text("mine")
     _one_error_line(*_athanor(run, "--types", "Q8_0"), "--force", str(run / "quant"))
     assert (run / "quant" / "scorecard.md").read_text() == "mine"
+
+
+# -- checkpoints as people download them (tokenizers and architectures of each family) -----------------
+
+def _family_run(tmp: Path, family: str, **cfg) -> Path:
+    """A tiny athanor model of `cfg`'s architecture with `family`'s tokenizer as shipped beside it."""
+    import shutil
+
+    from conftest import SMALL_CORPUS
+    from shipped_tokenizers import build
+
+    from athanor.data.corpus import iter_documents
+
+    texts = [d.text for _, d in zip(range(40), iter_documents(SMALL_CORPUS), strict=False)]
+    tok_dir = build(family, texts, tmp / f"tok-{family}", vocab_size=400)
+    run = tmp / f"run-{family}"
+    torch.manual_seed(0)
+    save_pretrained(LlamaModel(tiny_model_config(vocab_size=Tokenizer.load(tok_dir).vocab_size, **cfg)).eval(), run)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, run / f.name)
+    return run
+
+
+@pytest.mark.parametrize("family,arch,pre", [("llama3", "llama", "llama-bpe"), ("qwen2", "qwen2", "qwen2"),
+                                             ("qwen2", "qwen3", "qwen2"), ("smollm2", "llama", "smollm")])
+def test_byte_level_families_name_their_pre_tokenizer_and_round_trip(family: str, arch: str, pre: str,
+                                                                     tmp_path: Path) -> None:
+    from test_shipped_tokenizers import HOSTILE
+
+    rope = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32}, "rope_theta": 5e5} if family == "llama3" else {}
+    run = _family_run(tmp_path, family, model_type=arch, tie_word_embeddings=arch != "llama", **rope)
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields, names = reader.fields, {t.name for t in reader.tensors}
+    assert fields["general.architecture"].contents() == arch
+    assert fields["tokenizer.ggml.pre"].contents() == pre
+    tok = Tokenizer.load(run)
+    assert fields["tokenizer.ggml.add_bos_token"].contents() == tok.add_bos
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_id
+    assert fields["tokenizer.chat_template"].contents() == tok.chat.source
+    assert ("blk.0.attn_q_norm.weight" in names) == (arch == "qwen3")
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+    assert ("rope_freqs.weight" in names) == (family == "llama3")
+    assert ("output.weight" in names) == (arch == "llama")
+    back = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    again = Tokenizer.load(back)
+    assert [again.encode_prompt(t) for t in HOSTILE] == [tok.encode_prompt(t) for t in HOSTILE]
+    ids = torch.randint(0, tok.vocab_size, (1, 60))
+    from athanor.model.hf import load_pretrained
+
+    with torch.no_grad():
+        assert torch.allclose(load_pretrained(back)(ids), load_pretrained(run)(ids), atol=1e-5)
+
+
+def test_llama2_layout_is_written_as_sentencepiece(tmp_path: Path) -> None:
+    run = _family_run(tmp_path, "llama2")
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    tok = Tokenizer.load(run)
+    vocab = tok.hf.get_vocab()
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types, scores = fields["tokenizer.ggml.token_type"].contents(), fields["tokenizer.ggml.scores"].contents()
+    assert types[vocab["<0x41>"]] == 6 and types[vocab["<unk>"]] == 2 and types[tok.bos_id] == 3
+    first_merge = "".join(json.loads((run / "tokenizer.json").read_text())["model"]["merges"][0])
+    assert scores[vocab[first_merge]] == max(scores[i] for i, t in enumerate(types) if t == 1 and scores[i] != 0)
+    with pytest.raises(AthanorError, match="'llama' tokenizer cannot be rebuilt"):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+
+
+def test_export_refuses_what_llama_cpp_cannot_reproduce(tmp_path: Path) -> None:
+    """One error each, and no file: Mistral's Metaspace layout, a byte-level split llama.cpp has no
+    name for, Qwen3's attention output bias, Llama 3's RoPE scaling on a Qwen."""
+    out = tmp_path / "m.gguf"
+    mistral = _family_run(tmp_path, "mistral-metaspace")
+    with pytest.raises(AthanorError, match="Metaspace"):
+        export_gguf(mistral, out)
+    _one_error_line(*_athanor("export", mistral, "--type", "F32", "--out", out), "Metaspace", "no llama.cpp equivalent")
+    run = _family_run(tmp_path, "llama3")
+    tj = json.loads((run / "tokenizer.json").read_text())
+    tj["model"]["ignore_merges"] = False  # Llama 3's regex without ignore_merges: no llama.cpp name
+    (run / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(AthanorError, match="field 'pre_tokenizer'.*no llama.cpp equivalent"):
+        export_gguf(run, out)
+    (tmp_path / "q3").mkdir()
+    with pytest.raises(AthanorError, match="qwen3 model with attention_bias"):
+        export_gguf(_family_run(tmp_path / "q3", "qwen2", model_type="qwen3", attention_bias=True), out)
+    (tmp_path / "q2").mkdir()
+    with pytest.raises(AthanorError, match="'llama3' on a qwen2 model"):
+        export_gguf(_family_run(tmp_path / "q2", "qwen2", model_type="qwen2", rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}), out)
+    assert not out.exists()
+
+
+def test_llama_biases_are_permuted_like_their_rows(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Llama with attention_bias: q and k biases are laid out per head as their weight rows are."""
+    run = make_run(tmp_path, tokenizer_dir, attention_bias=True)
+    from athanor.model.hf import load_pretrained
+
+    model = load_pretrained(run).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    save_pretrained(model, run)
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    k = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.attn_k.bias")
+    bias = model.model.layers[0].self_attn.k_proj.bias.detach()
+    assert np.array_equal(np.asarray(k.data), rope_permute(bias, 2).numpy())
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(load_gguf(tmp_path / "m.gguf")(ids), model(ids))

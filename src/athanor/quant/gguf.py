@@ -1,23 +1,25 @@
-"""GGUF files for llama.cpp: export an athanor (or HF-layout Llama) model, and import one back.
+"""GGUF files for llama.cpp: export an athanor model or a Llama/Qwen2/Qwen3 checkpoint, and import one back.
 
-Written with the `gguf` package (gguf-py). What llama.cpp needs, per the GGUF spec and its
-llama loader:
-- metadata: `general.architecture = llama` and the `llama.*` shape keys, RMSNorm epsilon, RoPE
-  base and dimension count, `general.file_type` and `general.quantization_version = 2`;
-- the tokenizer: byte-level BPE as `tokenizer.ggml.model = gpt2` with the token strings by id,
-  the merges in rank order, token types (1 normal, 3 control for special tokens), explicit
-  BOS/EOS/PAD ids, the end-of-turn id (EOT: where llama.cpp's chat stops an answer), the
-  pre-tokenizer name (`gpt-2`: GPT-2's split regex, which is what athanor's
-  `ByteLevel(use_regex=True)` applies) and the chat template (`tokenizer.chat_template`);
-- tensors under llama.cpp's names, shapes reversed (GGUF lists the fastest axis first), norms F32.
-- RoPE: transformers rotates the two halves of each head (`rotate_half`), llama.cpp rotates
-  adjacent pairs, so the rows of Q and K are permuted per head on export (K with the KV head
-  count) and permuted back on import.
+Written with the `gguf` package (gguf-py). What llama.cpp needs, per the GGUF spec and its loaders:
+- metadata: `general.architecture` (`llama`, `qwen2` or `qwen3`, each with its own key prefix) and
+  the shape keys, RMSNorm epsilon, RoPE base, dimension count and linear scaling, `general.file_type`
+  and `general.quantization_version = 2`;
+- the tokenizer, as `athanor.quant.gguf_vocab` writes it;
+- tensors under llama.cpp's names, shapes reversed (GGUF lists the fastest axis first), norms F32;
+  Qwen2's q/k/v biases, Qwen3's q/k norms (`attn_q_norm`, `attn_k_norm`), no `output` when the
+  head is tied, and Llama 3's RoPE scaling as a `rope_freqs` tensor of per-frequency divisors
+  (llama.cpp has no keys for it).
+- RoPE: transformers rotates the two halves of each head (`rotate_half`); llama.cpp's `llama`
+  rotates adjacent pairs, so there the rows of Q and K are permuted per head on export (K with
+  the KV head count) and permuted back on import. Its `qwen2` and `qwen3` rotate halves: no permutation.
+What llama.cpp cannot compute the same way (Qwen3 with an attention output bias, Llama 3 scaling on
+a Qwen) is refused with one error, never written approximately.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
 import shutil
 import tempfile
@@ -30,13 +32,13 @@ import numpy as np
 import torch
 
 from athanor.errors import AthanorError
-from athanor.io import _fsync_dir, atomic_write_text, refuse_to_overwrite
+from athanor.io import _fsync_dir, refuse_to_overwrite
 from athanor.model.hf import load_pretrained, save_pretrained
-from athanor.model.llama import LlamaModel, ModelConfig
+from athanor.model.llama import LlamaModel, ModelConfig, rope_inv_freq
 from athanor.quant.formats import TYPES_BY_ID, QuantType
+from athanor.quant.gguf_vocab import GGUFVocab, vocab_from_run, write_tokenizer, write_vocab
 from athanor.quant.linear import QTensor, quantize_weights
 from athanor.quant.schemes import Scheme, get_scheme
-from athanor.tokenizer import END
 
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -48,6 +50,8 @@ _LAYER_NAMES = {
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -55,7 +59,7 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_UNUSED = 1, 3, 5
+_ROPE_FREQS = "rope_freqs.weight"
 
 
 def gguf_name(hf_name: str) -> str:
@@ -87,49 +91,23 @@ def rope_permute(rows: torch.Tensor, heads: int, inverse: bool = False) -> torch
     return rows.reshape(heads, 2, half, *rest).transpose(1, 2).reshape(rows.shape)
 
 
+def _permute_rows(data: torch.Tensor, rows: int, cols: int, heads: int, inverse: bool = False) -> torch.Tensor:
+    """`rope_permute` of a Q or K tensor's bytes: a weight's rows, or a bias's values (stored as one
+    row of F32: one value per row of its weight)."""
+    by_row = data if rows > 1 else data.view(cols, -1)
+    return rope_permute(by_row, heads, inverse).reshape(data.shape)
+
+
 def _rope_heads(hf_name: str, config: ModelConfig) -> int | None:
+    """Heads to permute the rows of Q and K by: llama.cpp's `llama` architecture rotates adjacent
+    pairs; its `qwen2`/`qwen3` rotate halves ("NEOX"), as transformers does, so they stay as they are."""
+    if config.model_type != "llama":
+        return None
     if ".self_attn.q_proj." in hf_name:
         return config.num_attention_heads
     if ".self_attn.k_proj." in hf_name:
         return config.num_key_value_heads
     return None
-
-
-# -- tokenizer -------------------------------------------------------------------------------
-
-def _tokenizer_fields(run_dir: Path, vocab_size: int) -> dict[str, Any]:
-    path = run_dir / "tokenizer.json"
-    try:
-        tj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AthanorError("tokenizer.json is missing (GGUF needs the tokenizer)", path=path) from None
-    except json.JSONDecodeError as e:
-        raise AthanorError(f"not valid JSON: {e.msg}", path=path, line=e.lineno) from None
-    model = tj.get("model", {})
-    if model.get("type") != "BPE" or (tj.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
-        raise AthanorError("only byte-level BPE tokenizers can be written to GGUF (tokenizer.ggml.model=gpt2)",
-                           path=path, field="model.type")
-    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
-    tokens.update({a["id"]: a["content"] for a in tj.get("added_tokens", [])})
-    n = max(vocab_size, max(tokens) + 1)
-    # Rows of the embedding without a token (a vocabulary padded for speed) get unused placeholders.
-    strings = [tokens.get(i, f"<|unused_{i}|>") for i in range(n)]
-    types = [_TOKEN_CONTROL if i in special else _TOKEN_UNUSED if i not in tokens else _TOKEN_NORMAL
-             for i in range(n)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    cfg_path = run_dir / "tokenizer_config.json"
-    named = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    by_text = {t: i for i, t in enumerate(strings)}
-
-    def special_id(key: str) -> int | None:
-        text = named.get(key)
-        text = text.get("content") if isinstance(text, dict) else text
-        return by_text.get(text) if text else None
-
-    return {"tokens": strings, "types": types, "merges": merges, "bos": special_id("bos_token"),
-            "eos": special_id("eos_token"), "pad": special_id("pad_token"), "eot": by_text.get(END),
-            "chat_template": named.get("chat_template")}
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -138,13 +116,34 @@ def _tensor_array(q: QTensor, hf_name: str, config: ModelConfig) -> np.ndarray:
     data = q.data
     heads = _rope_heads(hf_name, config)
     if heads is not None:
-        data = rope_permute(data, heads)  # rows permute the same in bytes: blocks never span rows
+        data = _permute_rows(data, q.rows, q.cols, heads)  # bytes permute as rows do: blocks never span rows
     arr = data.contiguous().numpy()
     if q.qtype.name == "F32":
         arr = arr.view(np.float32)
     elif q.qtype.name == "F16":
         arr = arr.view(np.float16)
     return arr.reshape(q.rows, -1) if q.rows > 1 else arr.reshape(-1)
+
+
+def _check_exportable(config: ModelConfig, run_dir: Path) -> dict[str, np.ndarray]:
+    """Refuse what llama.cpp's architecture of the same name cannot compute; return the tensors the
+    file needs beyond the weights (Llama 3's RoPE scaling as `rope_freqs`, which llama.cpp's
+    `llama` divides each rotary frequency by)."""
+    source = run_dir / "config.json"
+    if config.model_type == "qwen3" and config.o_bias:
+        raise AthanorError("a qwen3 model with attention_bias cannot be written to GGUF: llama.cpp's qwen3 has no "
+                           "attention output bias", path=source, field="attention_bias")
+    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "llama3" and config.model_type != "llama":
+        raise AthanorError(f"RoPE scaling 'llama3' on a {config.model_type} model cannot be written to GGUF (llama.cpp "
+                           "reads per-frequency factors only for the llama architecture)", path=source,
+                           field="rope_scaling")
+    if rope_type not in ("default", "linear", "llama3"):
+        raise AthanorError(f"RoPE scaling {rope_type!r} cannot be written to GGUF", path=source, field="rope_scaling")
+    if rope_type != "llama3":
+        return {}
+    plain = rope_inv_freq(dataclasses.replace(config, rope_scaling=None))
+    return {_ROPE_FREQS: (plain / rope_inv_freq(config)).numpy().astype(np.float32)}
 
 
 def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme = "F32",
@@ -166,16 +165,17 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme 
     model = model if model is not None else load_pretrained(run_dir)
     config = model.config
     weights = weights if weights is not None else quantize_weights(model, scheme, imatrix, compile)
-    tok = _tokenizer_fields(run_dir, config.vocab_size)
-    if len(tok["tokens"]) != config.vocab_size:
-        raise AthanorError(f"tokenizer has {len(tok['tokens'])} tokens but the model's vocab_size is "
+    extra = _check_exportable(config, run_dir)
+    vocab = vocab_from_run(run_dir, config.vocab_size)
+    if len(vocab.tokens) != config.vocab_size:
+        raise AthanorError(f"tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is "
                            f"{config.vocab_size}", path=run_dir / "tokenizer.json")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, arch="llama")
+        w = gguf.GGUFWriter(tmp, arch=config.model_type)
         w.add_name(run_dir.name or "athanor")
         w.add_string("athanor.quantization", scheme.label)
         w.add_context_length(config.max_position_embeddings)
@@ -189,22 +189,15 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme 
         w.add_layer_norm_rms_eps(config.rms_norm_eps)
         w.add_rope_freq_base(config.rope_theta)
         w.add_rope_dimension_count(config.dim_per_head)
+        if (config.rope_scaling or {}).get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
         w.add_vocab_size(config.vocab_size)
         w.add_file_type(scheme.file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(tok["tokens"])
-        w.add_token_types(tok["types"])
-        w.add_token_merges(tok["merges"])
-        for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
-                         ("eot", w.add_eot_token_id)):
-            if tok[key] is not None:
-                add(tok[key])
-        if tok["chat_template"]:
-            w.add_chat_template(tok["chat_template"])
-        w.add_add_bos_token(tok["bos"] is not None)  # athanor starts every text with BOS
-        w.add_add_eos_token(False)
+        write_vocab(w, vocab)
+        for name, array in extra.items():
+            w.add_tensor(name, array)
         for hf_name, q in weights.items():
             raw = None if q.qtype.name in ("F32", "F16") else gguf.GGMLQuantizationType(q.qtype.ggml_id)
             w.add_tensor(gguf_name(hf_name), _tensor_array(q, hf_name, config), raw_dtype=raw)
@@ -270,48 +263,120 @@ def _open_reader(path: Path) -> Any:
     raise AthanorError(f"not a readable GGUF file ({type(error).__name__}: {error})", path=path) from None
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], dict[str, Any]]:
-    """Parse a llama-architecture GGUF: the config, the weights as blocks (HF names, HF row order),
-    and the tokenizer fields. Any malformed, truncated or unsupported file raises AthanorError."""
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the decimal its writer meant (1e-06, not 9.999999974752427e-07):
+    the shortest one that rounds to the same float32."""
+    return float(str(np.float32(value)))
+
+
+def _rope_scaling(reader: Any, arch: str, path: Path, base: ModelConfig) -> dict[str, Any] | None:
+    """transformers' rope_scaling for the file's `rope.scaling.*` keys (linear) or its `rope_freqs`
+    factors (Llama 3: a stretch of the long wavelengths, kept short ones, a smooth band between)."""
+    kind = _field(reader, f"{arch}.rope.scaling.type", path, "none")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(_field(reader, f"{arch}.rope.scaling.factor", path))}
+    if kind != "none":
+        raise AthanorError(f"RoPE scaling {kind!r} is not supported (supported: linear, llama3)", path=path,
+                           field=f"{arch}.rope.scaling.type")
+    freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    if freqs is None:
+        return None
+    factors = torch.from_numpy(np.asarray(freqs.data, dtype=np.float32).reshape(-1).copy())
+    scaling = _llama3_scaling(factors, rope_inv_freq(base))
+    if scaling is None:
+        raise AthanorError("these rotary frequency factors are not a Llama 3 RoPE scaling (the only kind athanor "
+                           "reads from rope_freqs)", path=path, field=_ROPE_FREQS)
+    return scaling
+
+
+def _llama3_scaling(factors: torch.Tensor, inv_freq: torch.Tensor) -> dict[str, Any] | None:
+    """Llama 3 scaling parameters that reproduce `factors` (None if none do). Only the wavelength
+    bounds original/low and original/high matter, so low_freq_factor is taken as 1; with two or more
+    factors inside the smooth band the bounds come from its line, otherwise they sit at the band's edges."""
+    if factors.shape != inv_freq.shape or not bool((factors >= 1).all()):
+        return None
+    factor = float(factors.max())
+    if factor <= 1.0:
+        return None
+    wavelength = 2 * math.pi / inv_freq.double()
+    f = factors.double()
+    band = (f > 1 + 1e-6) & (f < factor - 1e-6)
+    if int(band.sum()) >= 2:  # smooth = (original / wavelength - 1) / (high - 1), linear in 1 / wavelength
+        smooth = (1 / f[band] - 1 / factor) / (1 - 1 / factor)
+        x = 1 / wavelength[band]
+        slope = float(((x - x.mean()) * (smooth - smooth.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        offset = float(smooth.mean() - slope * x.mean())
+        high = 1 - 1 / offset if offset < 0 else None
+        original = -slope / offset if offset < 0 else None
+    else:  # the band's edges inside the gap, apart from every wavelength, so clamping keeps 1 and factor exact
+        kept, stretched = wavelength[f <= 1 + 1e-6], wavelength[f >= factor - 1e-6]
+        if len(kept) == 0 or len(stretched) == 0 or float(kept.max()) >= float(stretched.min()):
+            return None
+        gap = float(stretched.min()) - float(kept.max())
+        original = float(kept.max()) + 2 * gap / 3
+        high = original / (float(kept.max()) + gap / 3)
+    if high is None or original is None or high <= 1:
+        return None
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+               "original_max_position_embeddings": original}
+    wave = 2 * math.pi / inv_freq
+    smooth = ((original / wave - 1) / (high - 1)).clamp(0, 1)
+    rebuilt = 1 / ((1 - smooth) / factor + smooth)
+    return scaling if torch.allclose(rebuilt.float(), factors, rtol=1e-5) else None
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], GGUFVocab]:
+    """Parse a llama, qwen2 or qwen3 GGUF: the config, the weights as blocks (HF names, HF row
+    order) and the tokenizer fields. Any malformed, truncated or unsupported file raises AthanorError."""
     path = Path(path)
     if not path.is_file():
         raise AthanorError("no such file", path=path)
     reader = _open_reader(path)
     arch = _field(reader, "general.architecture", path)
-    if arch != "llama":
-        raise AthanorError(f"architecture {arch!r} is not supported (only llama)", path=path,
-                           field="general.architecture")
-    heads = int(_field(reader, "llama.attention.head_count", path))
-    hidden = int(_field(reader, "llama.embedding_length", path))
+    if arch not in ARCHITECTURES:
+        raise AthanorError(f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})",
+                           path=path, field="general.architecture")
+    heads = int(_field(reader, f"{arch}.attention.head_count", path))
+    hidden = int(_field(reader, f"{arch}.embedding_length", path))
     tokens = _field(reader, "tokenizer.ggml.tokens", path)
+    names = {t.name for t in reader.tensors}
+    ids = {key: _field(reader, f"tokenizer.ggml.{field}", path, required=False)
+           for key, field in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("eot", "eot_token_id"),
+                              ("pad", "padding_token_id"), ("unk", "unknown_token_id"))}
     try:
+        head_dim = _field(reader, f"{arch}.attention.key_length", path, required=False)
         config = ModelConfig(
-            model_type="llama",
+            model_type=arch,
             vocab_size=len(tokens),
             hidden_size=hidden,
-            intermediate_size=int(_field(reader, "llama.feed_forward_length", path)),
-            num_hidden_layers=int(_field(reader, "llama.block_count", path)),
+            intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", path)),
+            num_hidden_layers=int(_field(reader, f"{arch}.block_count", path)),
             num_attention_heads=heads,
-            num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", path, heads)),
-            head_dim=int(_field(reader, "llama.rope.dimension_count", path, hidden // heads)),
-            max_position_embeddings=int(_field(reader, "llama.context_length", path)),
-            rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", path)),
-            rope_theta=float(_field(reader, "llama.rope.freq_base", path, 10000.0)),
-            tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
-            attention_bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors),
-            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", path, required=False),
-            eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", path, required=False),
-            pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", path, required=False),
+            num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", path, heads)),
+            head_dim=int(head_dim or _field(reader, f"{arch}.rope.dimension_count", path, hidden // heads)),
+            max_position_embeddings=int(_field(reader, f"{arch}.context_length", path)),
+            rms_norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+            rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
+            tie_word_embeddings="output.weight" not in names,
+            # qwen2's q/k/v biases come with the architecture; llama's and qwen3's flag covers all four.
+            attention_bias=arch != "qwen2" and "blk.0.attn_q.bias" in names,
+            bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
         )
+        config.rope_scaling = _rope_scaling(reader, arch, path, config)
         config.validate()
     except (TypeError, ValueError) as e:
         raise AthanorError(f"inconsistent model shape: {e}", path=path) from None
 
     weights: dict[str, QTensor] = {}
     for t in reader.tensors:
+        if t.name == _ROPE_FREQS:
+            continue
         hf = hf_name_of(t.name)
         if hf is None:
-            raise AthanorError(f"tensor {t.name!r} is not part of a llama model athanor knows", path=path)
+            raise AthanorError(f"tensor {t.name!r} is not part of a {arch} model athanor knows", path=path)
         qtype: QuantType | None = TYPES_BY_ID.get(int(t.tensor_type))
         if qtype is None:
             raise AthanorError(f"tensor type {t.tensor_type.name} is not supported (supported: "
@@ -321,17 +386,22 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, QTensor], dict[s
         data = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1).copy())
         heads_here = _rope_heads(hf, config)
         if heads_here is not None:
-            if rows % (2 * heads_here):
-                raise AthanorError(f"{rows} rows do not split into {heads_here} heads of two RoPE halves (the "
+            n = rows if rows > 1 else cols
+            if n % (2 * heads_here):
+                raise AthanorError(f"{n} rows do not split into {heads_here} heads of two RoPE halves (the "
                                    "metadata's head counts do not fit the tensor)", path=path, field=t.name)
-            data = rope_permute(data, heads_here, inverse=True)
+            data = _permute_rows(data, rows, cols, heads_here, inverse=True)
         weights[hf] = QTensor(qtype, data, rows, cols)
-    tok = {"tokens": list(tokens),
-           "types": _field(reader, "tokenizer.ggml.token_type", path, []),
-           "merges": _field(reader, "tokenizer.ggml.merges", path, []),
-           "model": _field(reader, "tokenizer.ggml.model", path, ""),
-           "chat_template": _field(reader, "tokenizer.chat_template", path, required=False)}
-    return config, weights, tok
+    scores = _field(reader, "tokenizer.ggml.scores", path, required=False)
+    vocab = GGUFVocab(model=_field(reader, "tokenizer.ggml.model", path, ""), tokens=list(tokens),
+                      types=list(_field(reader, "tokenizer.ggml.token_type", path, [])),
+                      pre=_field(reader, "tokenizer.ggml.pre", path, required=False),
+                      merges=list(_field(reader, "tokenizer.ggml.merges", path, [])),
+                      scores=None if scores is None else list(scores),
+                      ids={k: int(i) for k, i in ids.items() if i is not None},
+                      add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", path, False)),
+                      chat_template=_field(reader, "tokenizer.chat_template", path, required=False))
+    return config, weights, vocab
 
 
 def load_gguf(path: str | Path) -> LlamaModel:
@@ -364,40 +434,6 @@ def model_from_weights(config: ModelConfig, weights: dict[str, QTensor], source:
     return model.eval()
 
 
-def _write_tokenizer(tok: dict[str, Any], config: ModelConfig, out_dir: Path, source: Path) -> None:
-    """tokenizer.json and tokenizer_config.json rebuilt from the GGUF's gpt2 vocabulary: the config
-    names the special tokens and carries the chat template, as transformers' AutoTokenizer and
-    `apply_chat_template` expect."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tokens, types = tok["tokens"], list(tok["types"]) or [_TOKEN_NORMAL] * len(tok["tokens"])
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
-    try:
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    except Exception as e:  # tokenizers raises a bare Exception, e.g. a merge of tokens not in the vocabulary
-        raise AthanorError(f"the tokenizer's vocabulary and merges disagree ({e})", path=source,
-                           field="tokenizer.ggml.merges") from None
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    special = [i for i, ty in enumerate(types) if ty == _TOKEN_CONTROL]
-    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
-    atomic_write_text(out_dir / "tokenizer.json", hf.to_str(pretty=False))
-    named: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    for key, i in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id),
-                   ("pad_token", config.pad_token_id)):
-        if i is not None and 0 <= i < len(tokens):
-            named[key] = tokens[i]
-    named["additional_special_tokens"] = [tokens[i] for i in special if tokens[i] not in named.values()]
-    named["added_tokens_decoder"] = {str(i): {"content": tokens[i], "special": True, "normalized": False,
-                                              "lstrip": False, "rstrip": False, "single_word": False}
-                                     for i in special}
-    if tok["chat_template"]:
-        named["chat_template"] = tok["chat_template"]
-    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(named, indent=2) + "\n")
-
-
 @contextmanager
 def _fresh_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary directory next to `out_dir` to build into; renamed into place only when the
@@ -420,15 +456,14 @@ def _fresh_dir(out_dir: Path) -> Iterator[Path]:
 
 
 def import_gguf(path: str | Path, out_dir: str | Path, force: bool = False) -> Path:
-    """Convert a GGUF file into an athanor run directory (HF layout, float32 weights, and the
-    tokenizer when the file's is byte-level BPE). A non-empty `out_dir` is replaced only with
+    """Convert a GGUF file into an athanor run directory (HF layout, float32 weights and the
+    tokenizer; a tokenizer other than byte-level BPE is an error). A non-empty `out_dir` is replaced only with
     `force`; nothing appears there unless the whole conversion succeeds."""
     path, out_dir = Path(path), Path(out_dir)
     refuse_to_overwrite(out_dir, force)
-    config, weights, tok = read_gguf(path)
+    config, weights, vocab = read_gguf(path)
     model = model_from_weights(config, weights, path)
     with _fresh_dir(out_dir) as tmp:
         save_pretrained(model, tmp)
-        if tok["model"] == "gpt2":
-            _write_tokenizer(tok, config, tmp, path)
+        write_tokenizer(vocab, tmp, path)
     return out_dir
