@@ -168,3 +168,35 @@ def test_greedy_ids_are_torch_argmax() -> None:
     batch[2, 7] = batch[2, 9] = 1e3
     assert greedy_ids(batch) == batch.argmax(-1).tolist()
     assert greedy_ids(torch.tensor([1.0, 2.0], requires_grad=True)) == 1
+
+
+def test_byte_fallback_runs_stream_the_final_text(tmp_path) -> None:
+    """Llama 2's decoder turns a whole run of <0xNN> pieces into U+FFFD when the run is not UTF-8, so
+    "u" (0x75) decodes as "u" alone and as U+FFFD once 0xE2 follows: the stream must not show it early."""
+    from shipped_tokenizers import build
+
+    from athanor.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(build("llama2", ["the cat sat on the mat, yes sir"] * 20, tmp_path, vocab_size=300))
+    byte = [tok.hf.token_to_id(f"<0x{b:02X}>") for b in (0x75, 0xE2, 0x28)]
+    first, last = tok.encode("yes")[0], tok.encode(" mat")[-1]
+    chain = [tok.encode("the")[0], first, *byte, last]
+    # A model that answers each chain token with the next one: orthonormal embeddings, layers that add
+    # nothing to the residual stream, and an lm_head row per successor.
+    model = LlamaModel(tiny_model_config(vocab_size=tok.vocab_size, tie_word_embeddings=False)).eval()
+    basis = torch.linalg.qr(torch.randn(64, len(chain)))[0].T
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[chain] = basis
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[chain[1:]] = basis[:-1]
+    events = []
+    engine = Engine(model, decode=tok.decode, hold_ids=tok.stream_hold_ids)
+    req = engine.submit(chain[:1], SamplingParams(max_tokens=len(chain) - 1, temperature=0), on_event=events.append)
+    while not req.done:
+        engine.step()
+    assert req.output_ids == chain[1:]
+    assert "\ufffd" * 3 in req.text and "u" not in req.text
+    assert "".join(e.text for e in events) == req.text

@@ -234,6 +234,19 @@ class Tokenizer:
         return token.replace(SPIECE_SPACE, " ")
 
     @cached_property
+    def stream_hold_ids(self) -> frozenset[int]:
+        """Ids after which the decoded text can still change as more ids follow, so a stream must hold
+        the text from them on: byte-fallback pieces (`<0xNN>`) decode as one run with the bytes after them,
+        and a run that is not valid UTF-8 becomes U+FFFD byte for byte, even bytes valid on their own (so
+        "u" turns into U+FFFD when 0xE2 follows); a run goes on across the special tokens decode skips.
+        Empty for byte-level vocabularies, whose decoding only appends (an unfinished character decodes as
+        a trailing U+FFFD, which the engine holds back anyway)."""
+        if self._byte_level:
+            return frozenset()
+        fallback = {i for token, i in self.hf.get_vocab().items() if _BYTE_FALLBACK.fullmatch(token)}
+        return frozenset(fallback | self.special_ids) if fallback else frozenset()
+
+    @cached_property
     def _byte_level(self) -> bool:
         return _is_byte_level(self.hf)
 

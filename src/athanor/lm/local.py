@@ -78,6 +78,7 @@ class LocalLM:
         length = max(max_len, old.max_len if old else 0)
         self._engine = old = None  # free the old cache before the new one is allocated
         self._engine = Engine(self.model, max_batch=slots, max_len=length, decode=self.tok.decode,
+                              hold_ids=self.tok.stream_hold_ids,
                               compile=self.compile)
         self._weights = weights
         return self._engine

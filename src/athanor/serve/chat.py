@@ -23,7 +23,8 @@ def chat(run_dir: str | Path, system: str | None = None, temperature: float = 0.
          out: TextIO = sys.stdout) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = Tokenizer.load(run_dir)
-    engine = Engine(load_pretrained(run_dir, device=device), max_batch=1, decode=tok.decode)
+    engine = Engine(load_pretrained(run_dir, device=device), max_batch=1, decode=tok.decode,
+                    hold_ids=tok.stream_hold_ids)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             stop_ids=tok.stop_ids)
     params.validate(engine.vocab_size)  # bad settings fail now, not after the first message

@@ -18,7 +18,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,9 +103,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: LlamaModel, max_batch: int = 8, max_len: int | None = None,
-                 decode: Callable[[list[int]], str] | None = None, fast: bool = True,
-                 compile: bool = False) -> None:
+                 decode: Callable[[list[int]], str] | None = None, hold_ids: Collection[int] = (),
+                 fast: bool = True, compile: bool = False) -> None:
         """`decode` turns token ids into text (for stop strings); without it, text stays empty.
+        `hold_ids` are ids whose text later ids can still change (`Tokenizer.stream_hold_ids`): events
+        show no text from a trailing run of them until the run ends.
         `fast` runs the forwards through `FastForward` where it applies (fp32 models of plain
         Linear layers, built here from the weights as they are now; any other model runs its own
         forward); `compile` adds its compiled decode steps, for one request and for all
@@ -120,6 +122,7 @@ class Engine:
         self.max_batch = max_batch
         self.cache = KVCache(model.config, max_batch, self.max_len, self.device, next(model.parameters()).dtype)
         self.decode_fn = decode
+        self.hold_ids = frozenset(hold_ids) if decode is not None else frozenset()
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens whose KV the slot holds
         self.slot_req: list[Request | None] = [None] * max_batch
         self.stats = EngineStats()
@@ -345,11 +348,23 @@ class Engine:
         if req.on_event is None:
             req._emitted = len(req.text)
             return
-        end = len(req.text) if finished else _safe_end(req.text, req.params.stop)
+        end = len(req.text) if finished else self._stream_end(req)
         text, req._emitted = req.text[req._emitted:end], max(req._emitted, end)
         req.on_event(Event(req, req.output_ids[len(req.output_ids) - n_tokens:] if n_tokens else [],
                            req.output_logprobs[len(req.output_logprobs) - n_tokens:] if n_tokens and
                            req.params.logprobs is not None else [], text, finished))
+
+    def _stream_end(self, req: Request) -> int:
+        """How much of a running request's text is final: `_safe_end`, and none of the text of a
+        trailing run of `hold_ids` (only there does decoding more ids change text already decoded)."""
+        end = _safe_end(req.text, req.params.stop)
+        ids = req.output_ids
+        if ids[-1] in self.hold_ids:  # a set lookup per token: the decode below is only paid inside a run
+            settled = len(ids) - 1
+            while settled and ids[settled - 1] in self.hold_ids:
+                settled -= 1
+            end = min(end, len(self.decode_fn(ids[:settled])))
+        return end
 
     def _finish(self, req: Request, reason: str, last_tokens: int = 0) -> None:
         req.finish_reason = reason

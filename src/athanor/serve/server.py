@@ -303,7 +303,8 @@ def build(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None, f
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(run_dir, device=device)
     tok = Tokenizer.load(run_dir)
-    engine = Engine(model, max_batch=max_batch, decode=tok.decode, compile=compile)
+    engine = Engine(model, max_batch=max_batch, decode=tok.decode, hold_ids=tok.stream_hold_ids,
+                    compile=compile)
     return create_app(engine, tok, Path(run_dir).resolve().name, api_key, frame_ancestors)
 
 
