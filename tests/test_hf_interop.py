@@ -1,5 +1,5 @@
 """Cross-check against transformers: the same logits and greedy tokens both ways, for every family
-athanor reads (Llama with and without RoPE scaling, Qwen2, Qwen3) (optional group)."""
+athanor reads (Llama with and without RoPE scaling, Mistral, Qwen2, Qwen3) (optional group)."""
 
 from pathlib import Path
 
@@ -25,6 +25,8 @@ CASES = {
                                 rope_theta=500_000.0, rope_scaling=LLAMA3_ROPE),
     "llama-linear-rope": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False,
                               rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # Mistral: Llama's math (with transformers' default sliding_window 4096, longer than the context).
+    "mistral-gqa-untied": dict(model_type="mistral", num_key_value_heads=2, tie_word_embeddings=False),
     "qwen2-gqa-untied": dict(model_type="qwen2", num_key_value_heads=1, tie_word_embeddings=False,
                              rope_theta=1_000_000.0),
     "qwen2-tied": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
@@ -34,7 +36,7 @@ CASES = {
     "qwen3-untied-bias": dict(model_type="qwen3", num_key_value_heads=4, tie_word_embeddings=False,
                               attention_bias=True),
 }
-CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+CONFIG_CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
 
 
 def _randomize_biases(model: torch.nn.Module) -> None:
@@ -65,7 +67,7 @@ def test_athanor_export_loads_in_transformers(case: str, tmp_path: Path) -> None
     _randomize_biases(ours)
     save_pretrained(ours, tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    expected = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    expected = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM"}[ours.config.model_type]
     assert type(theirs).__name__ == expected
     _compare(ours, theirs)

@@ -23,6 +23,7 @@ def _hf(**changes) -> dict:
 
 def test_round_trip_keeps_every_family_switch() -> None:
     for kw in ({"model_type": "qwen3", "head_dim": 32, "attention_bias": True},
+               {"model_type": "mistral", "head_dim": 16},
                {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5, "head_dim": 16}):
         config = tiny_model_config(**kw)
         assert config_from_hf(json.loads(json.dumps(config_to_hf(config)))) == config
@@ -39,10 +40,19 @@ def test_round_trip_keeps_every_family_switch() -> None:
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "rope_scaling"),
     ({"model_type": "gemma"}, "model_type"),
+    ({"model_type": "mistral", "sliding_window": 127}, "sliding_window"),  # shorter than the 128 positions
 ])
 def test_configs_that_change_the_math_are_refused(changes: dict, field: str) -> None:
     with pytest.raises(AthanorError, match=field):
         config_from_hf(_hf(**changes), "ckpt/config.json")
+
+
+def test_mistral_is_llama_math_when_its_window_covers_the_context() -> None:
+    """Mistral v0.2+ ships sliding_window null; a window as long as the context masks nothing."""
+    for window in (None, 128, 4096):
+        config = config_from_hf(_hf(model_type="mistral", sliding_window=window, attention_bias=True))
+        assert config.model_type == "mistral" and not config.attention_bias  # transformers' Mistral has no biases
+        assert config_to_hf(config)["model_type"] == "mistral"
 
 
 def test_older_spellings_of_rope_settings_are_read() -> None:

@@ -23,7 +23,8 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write, atomic_write_text
 from athanor.model.llama import LlamaModel, ModelConfig, rope_tables
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 # Keys read into ModelConfig (or checked by config_from_hf).
 UNDERSTOOD_KEYS = {
@@ -35,7 +36,8 @@ UNDERSTOOD_KEYS = {
 }
 # Keys that do not change what the model computes at inference or in training: bookkeeping,
 # output switches, dropout that these models set to 0, and the sliding-window size when
-# sliding windows are off (use_sliding_window / layer_types are checked).
+# sliding windows are off (Qwen's use_sliding_window / layer_types, Mistral's window against the
+# context: all checked in `_check_math_keys`).
 INERT_KEYS = {
     "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
     "pretraining_tp", "sliding_window", "max_window_layers", "is_llama_config",
@@ -74,6 +76,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
     }
     if config.model_type == "llama":
         hf.update(attention_bias=config.attention_bias, mlp_bias=False)
+    elif config.model_type == "mistral":
+        hf.update(sliding_window=None)  # full attention, the math athanor computes
     else:
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers,
                   layer_types=["full_attention"] * config.num_hidden_layers)
@@ -102,6 +106,12 @@ def _check_math_keys(hf: dict[str, Any], source: str | Path) -> None:
             raise AthanorError(f"{key}={hf[key]!r} is not supported (athanor implements SiLU MLPs without bias, "
                                f"full causal attention without dropout in every layer and rotate-half RoPE)",
                                path=source, field=key)
+    # Mistral has no switch: its window is used whenever set, and changes attention only when shorter
+    # than the context (a query sees itself and the window - 1 keys before it).
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    if hf.get("model_type") == "mistral" and window is not None and int(window) < int(context):
+        raise AthanorError(f"sliding_window={window} is shorter than max_position_embeddings={context}: athanor "
+                           f"computes full causal attention only", path=source, field="sliding_window")
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -142,7 +152,8 @@ def config_from_hf(hf: dict[str, Any], source: str | Path = "config.json") -> Mo
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)) if model_type != "qwen2" else False,
+            # Qwen2's q/k/v biases are fixed by its type; Mistral has none (transformers ignores the key).
+            attention_bias=bool(hf.get("attention_bias", False)) if model_type not in ("qwen2", "mistral") else False,
             initializer_range=float(hf.get("initializer_range", 0.02)),
             bos_token_id=ids("bos_token_id"),
             eos_token_id=ids("eos_token_id"),
@@ -239,7 +250,7 @@ def _read_tensor(f, file: Path, info: dict[str, Any], data_start: int, dtype: to
 
 def load_pretrained(run_dir: str | Path, dtype: torch.dtype | None = torch.float32,
                     device: str | torch.device = "cpu") -> LlamaModel:
-    """Load an athanor run directory or a Llama/Qwen2/Qwen3 checkpoint saved by transformers (one
+    """Load an athanor run directory or a Llama/Mistral/Qwen2/Qwen3 checkpoint saved by transformers (one
     file or shards with an index). `dtype=None` keeps each weight's dtype as stored (bf16 stays bf16)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"

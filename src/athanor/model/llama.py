@@ -30,7 +30,7 @@ from athanor.model.linear_ce import linear_cross_entropy
 class ModelConfig:
     """Shape of the model; field names follow transformers' `LlamaConfig` / `Qwen2Config`."""
 
-    model_type: Literal["llama", "qwen2", "qwen3"] = "llama"
+    model_type: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"  # mistral: Llama's math, full attention
     vocab_size: int = 4096
     hidden_size: int = 256  # a multiple of 256 keeps every row K-quant friendly
     intermediate_size: int = 768
@@ -46,7 +46,7 @@ class ModelConfig:
     # "original_max_position_embeddings"}; None = plain RoPE. See `rope_inv_freq`.
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = True
-    attention_bias: bool = False  # Llama's and Qwen3's flag: biases on q, k, v and o
+    attention_bias: bool = False  # Llama's and Qwen3's flag: biases on q, k, v and o (Mistral has none)
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -78,6 +78,9 @@ class ModelConfig:
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise AthanorError("hidden_size must be a multiple of num_attention_heads",
                                field="model.hidden_size")
+        if self.model_type == "mistral" and self.attention_bias:
+            raise AthanorError("a mistral model has no attention biases (transformers' Mistral ignores the flag)",
+                               field="model.attention_bias")
         if self.dim_per_head % 2:
             raise AthanorError("the head dimension must be even for rotary embeddings", field="model.head_dim")
         rope_inv_freq(self)  # a bad rope_scaling is an error now, not at the first forward
