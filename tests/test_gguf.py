@@ -378,6 +378,19 @@ def test_export_refuses_what_llama_cpp_cannot_reproduce(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+def test_mistral_is_written_as_llama(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """llama.cpp has no architecture of Mistral's own (its convert_hf_to_gguf.py writes it as `llama`):
+    the file says llama, with the llama rows' RoPE permutation, and reads back to the same logits."""
+    from athanor.model.hf import load_pretrained
+
+    run = make_run(tmp_path, tokenizer_dir, model_type="mistral", tie_word_embeddings=False)
+    export_gguf(run, tmp_path / "m.gguf", "F32")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "llama"
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(load_gguf(tmp_path / "m.gguf")(ids), load_pretrained(run)(ids))
+
+
 def test_llama_biases_are_permuted_like_their_rows(tmp_path: Path, tokenizer_dir: Path) -> None:
     """Llama with attention_bias: q and k biases are laid out per head as their weight rows are."""
     run = make_run(tmp_path, tokenizer_dir, attention_bias=True)

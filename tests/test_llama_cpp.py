@@ -89,6 +89,21 @@ def test_llama_cpp_runs_athanor_gguf(scheme: str, run, tmp_path: Path) -> None:
         assert kld < KLD_BOUND[scheme], f"{scheme}: KL(athanor || llama.cpp) = {kld:.2e}"
 
 
+def test_llama_cpp_runs_a_mistral_export(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A Mistral checkpoint (Llama's math) exported as llama.cpp's `llama`: the same F32 logits."""
+    run_dir, held = train_tiny_run(tmp_path, tokenizer_dir, steps=0, model_type="mistral")
+    export_gguf(run_dir, tmp_path / "m.gguf", "F32")
+    ids = _held_ids(run_dir, held)
+    llm = _llama(tmp_path / "m.gguf")
+    try:
+        theirs = _their_logits(llm, ids)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = load_pretrained(run_dir).eval()(torch.tensor([ids]))[0]
+    assert (ours - theirs).abs().max().item() < LOGIT_TOL
+
+
 FTYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q4_0": 2, "Q8_0": 7}
 
 

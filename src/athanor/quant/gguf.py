@@ -1,4 +1,4 @@
-"""GGUF files for llama.cpp: export an athanor model or a Llama/Qwen2/Qwen3 checkpoint, and import one back.
+"""GGUF files for llama.cpp: export an athanor model or a Llama/Mistral/Qwen2/Qwen3 checkpoint, and import one back.
 
 Written with the `gguf` package (gguf-py). What llama.cpp needs, per the GGUF spec and its loaders:
 - metadata: `general.architecture` (`llama`, `qwen2` or `qwen3`, each with its own key prefix) and
@@ -98,10 +98,16 @@ def _permute_rows(data: torch.Tensor, rows: int, cols: int, heads: int, inverse:
     return rope_permute(by_row, heads, inverse).reshape(data.shape)
 
 
+def _gguf_arch(config: ModelConfig) -> str:
+    """llama.cpp's architecture for the model: Mistral (full attention) is Llama's math, which
+    llama.cpp's own convert_hf_to_gguf.py writes as `llama`."""
+    return "llama" if config.model_type == "mistral" else config.model_type
+
+
 def _rope_heads(hf_name: str, config: ModelConfig) -> int | None:
     """Heads to permute the rows of Q and K by: llama.cpp's `llama` architecture rotates adjacent
     pairs; its `qwen2`/`qwen3` rotate halves ("NEOX"), as transformers does, so they stay as they are."""
-    if config.model_type != "llama":
+    if _gguf_arch(config) != "llama":
         return None
     if ".self_attn.q_proj." in hf_name:
         return config.num_attention_heads
@@ -134,7 +140,7 @@ def _check_exportable(config: ModelConfig, run_dir: Path) -> dict[str, np.ndarra
         raise AthanorError("a qwen3 model with attention_bias cannot be written to GGUF: llama.cpp's qwen3 has no "
                            "attention output bias", path=source, field="attention_bias")
     rope_type = (config.rope_scaling or {}).get("rope_type", "default")
-    if rope_type == "llama3" and config.model_type != "llama":
+    if rope_type == "llama3" and _gguf_arch(config) != "llama":
         raise AthanorError(f"RoPE scaling 'llama3' on a {config.model_type} model cannot be written to GGUF (llama.cpp "
                            "reads per-frequency factors only for the llama architecture)", path=source,
                            field="rope_scaling")
@@ -175,7 +181,7 @@ def export_gguf(run_dir: str | Path, out_path: str | Path, scheme: str | Scheme 
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, arch=config.model_type)
+        w = gguf.GGUFWriter(tmp, arch=_gguf_arch(config))
         w.add_name(run_dir.name or "athanor")
         w.add_string("athanor.quantization", scheme.label)
         w.add_context_length(config.max_position_embeddings)
