@@ -108,3 +108,53 @@ def build(family: str, texts: list[str], out: Path, vocab_size: int = 600) -> Pa
     if generation:
         (out / "generation_config.json").write_text(json.dumps(generation))
     return out
+
+
+def corpus_texts(limit_chars: int = 150_000) -> list[str]:
+    """The first documents of the test corpus, about `limit_chars` of them: what the families train on."""
+    from conftest import SMALL_CORPUS
+
+    from athanor.data.corpus import iter_documents
+
+    out, seen = [], 0
+    for doc in iter_documents(SMALL_CORPUS):
+        out.append(doc.text)
+        seen += len(doc.text)
+        if seen > limit_chars:
+            break
+    return out
+
+
+def build_checkpoint(family: str, config_class: str, settings: dict, texts: list[str], out: Path,
+                     max_position_embeddings: int = 512, weight_std: float | None = None) -> Path:
+    """transformers' own save of a random tiny model of `config_class` (a transformers config class name)
+    with `family`'s tokenizer files beside it, as such checkpoints ship (its generation_config.json kept).
+    Norms and biases are moved away from their init so that every part of the math shows; `weight_std`
+    redraws the matrices too (large weights make attention peaked and logits of order 1-10, so a wrong
+    RoPE layout shows)."""
+    import torch
+    import transformers
+
+    from athanor.tokenizer import Tokenizer
+
+    build(family, texts, out)
+    tok = Tokenizer.load(out)
+    generation = out / "generation_config.json"
+    shipped_generation = generation.read_text() if generation.is_file() else None
+    settings = {"num_key_value_heads": 2, **settings}
+    cfg = getattr(transformers, config_class)(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **settings)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+            elif weight_std is not None:
+                p.normal_(0.0, weight_std)
+    model.save_pretrained(out)
+    if shipped_generation is not None:  # the family's eos list, as its checkpoints ship it
+        generation.write_text(shipped_generation)
+    return out

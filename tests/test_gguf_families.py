@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_CORPUS
-from shipped_tokenizers import build
+from shipped_tokenizers import build_checkpoint, corpus_texts
 from test_shipped_tokenizers import HOSTILE
 
-from athanor.data.corpus import iter_documents
 from athanor.model.hf import load_pretrained
 from athanor.quant.gguf import export_gguf, import_gguf
 
@@ -39,16 +37,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 # family's tokenizer -> (architecture, config), as those models ship: Llama 3 untied with its RoPE
 # scaling, Qwen2 with q/k/v biases, Qwen3 (Qwen's tokenizer) with q/k norms, SmolLM2 tied.
 CASES = {
-    "llama3": ("llama3", "LlamaConfig", dict(tie_word_embeddings=False, rope_theta=500_000.0,
-                                             rope_scaling=LLAMA3_ROPE)),
+    "llama3": ("llama3", "LlamaConfig", dict(tie_word_embeddings=False,
+                                             rope_parameters={"rope_theta": 500_000.0, **LLAMA3_ROPE})),
     "qwen2": ("qwen2", "Qwen2Config", dict(tie_word_embeddings=True, num_key_value_heads=1)),
     "qwen3": ("qwen2", "Qwen3Config", dict(tie_word_embeddings=True, head_dim=32)),
     "smollm2": ("smollm2", "LlamaConfig", dict(tie_word_embeddings=True)),
     "llama2": ("llama2", "LlamaConfig", dict(tie_word_embeddings=False)),
     # Variants of the architectures: linear RoPE scaling (rope.scaling.* keys), Llama's q/k/v/o biases
     # (q and k permuted with their rows), Qwen3 untied with KV heads = heads.
-    "llama-linear-rope": ("llama3", "LlamaConfig", dict(tie_word_embeddings=True,
-                                                        rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-linear-rope": ("llama3", "LlamaConfig", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0})),
     "llama-bias": ("smollm2", "LlamaConfig", dict(tie_word_embeddings=False, attention_bias=True)),
     "qwen3-untied": ("qwen2", "Qwen3Config", dict(tie_word_embeddings=False, num_key_value_heads=4)),
 }  # Mistral's Metaspace layout is refused by export (test_gguf.py)
@@ -60,37 +58,15 @@ LOGIT_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    out, seen = [], 0
-    for doc in iter_documents(SMALL_CORPUS):
-        out.append(doc.text)
-        seen += len(doc.text)
-        if seen > 150_000:
-            break
-    return out
+    return corpus_texts()
 
 
 def _checkpoint(case: str, texts: list[str], out: Path) -> Path:
-    """A tiny transformers checkpoint of the case's architecture with the family's tokenizer beside it."""
-    family, config_class, kw = CASES[case]
-    build(family, texts, out)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    kw = dict(kw)
-    rope = {"rope_type": "default", **(kw.pop("rope_scaling", None) or {}), "rope_theta": kw.pop("rope_theta", 1e4)}
-    kw.setdefault("num_key_value_heads", 2)
-    cfg = getattr(transformers, config_class)(
-        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, rms_norm_eps=1e-6, rope_parameters=rope,
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, **kw)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # weights large enough for peaked attention and logits of order 1-10, so a
-        for name, p in model.named_parameters():  # wrong RoPE layout or norm would show
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-            else:
-                p.normal_(0.0, 0.25)
-    model.save_pretrained(out)
-    return out
+    """A tiny transformers checkpoint of the case's architecture with the family's tokenizer beside it;
+    weights large enough that a wrong RoPE layout or norm would show."""
+    family, config_class, settings = CASES[case]
+    return build_checkpoint(family, config_class, settings, texts, out, max_position_embeddings=128,
+                            weight_std=0.25)
 
 
 def _llama(path: Path):

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CORPUS
-from shipped_tokenizers import build
+from shipped_tokenizers import build_checkpoint, corpus_texts
 
-from athanor.data.corpus import iter_documents
 from athanor.data.formats import load_examples
 from athanor.model.hf import load_pretrained
 from athanor.tokenizer import Tokenizer
@@ -43,36 +41,12 @@ PROMPT = "def add(a, b):\n    return"
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    out, seen = [], 0
-    for doc in iter_documents(SMALL_CORPUS):
-        out.append(doc.text)
-        seen += len(doc.text)
-        if seen > 150_000:
-            return out
-    return out
+    return corpus_texts()
 
 
 def make_checkpoint(case: str, texts: list[str], out: Path) -> Path:
-    """transformers' own save of a random tiny model, with the family's tokenizer files beside it."""
     family, config_class, settings = CASES[case]
-    build(family, texts, out)
-    tok = Tokenizer.load(out)
-    generation = out / "generation_config.json"
-    shipped_generation = generation.read_text() if generation.is_file() else None
-    cfg = getattr(transformers, config_class)(
-        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **settings)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # norms and biases away from their init, so every part of the math shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    model.save_pretrained(out)
-    if shipped_generation is not None:  # the family's eos list, as its checkpoints ship it
-        generation.write_text(shipped_generation)
-    return out
+    return build_checkpoint(family, config_class, settings, texts, out)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

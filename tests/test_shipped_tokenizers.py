@@ -7,11 +7,10 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_CORPUS
-from shipped_tokenizers import FAMILIES, build
+from shipped_tokenizers import FAMILIES, build, corpus_texts
 
 from athanor.chat_template import ChatTemplate
-from athanor.data.corpus import DataConfig, iter_documents
+from athanor.data.corpus import DataConfig
 from athanor.data.formats import check_file, load_examples
 from athanor.data.shards import build_shards, open_tokens
 from athanor.errors import AthanorError
@@ -42,12 +41,7 @@ TEMPLATE_KW = {"date_string": "26 Jul 2024"}
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    texts, seen = [], 0
-    for doc in iter_documents(SMALL_CORPUS):
-        texts.append(doc.text)
-        seen += len(doc.text)
-        if seen > 150_000:
-            break
+    texts = corpus_texts()
     root = tmp_path_factory.mktemp("shipped")
     return {family: build(family, texts, root / family) for family in FAMILIES}
 
