@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from athanor.lm import Completion, Message, per_prompt
-from athanor.model.llama import LlamaModel
+from athanor.model.llama import LlamaModel, weights_version
 from athanor.serve.engine import Engine, Request
 from athanor.serve.sampling import SamplingParams
 from athanor.tokenizer import Tokenizer
@@ -70,7 +70,7 @@ class LocalLM:
         """The engine, rebuilt when this call needs a longer cache or more slots than it has, or when
         the model's weights changed since it was built (a training step between calls): its fast path
         copied the old weights and its slots hold keys and values they computed."""
-        old, weights = self._engine, [(p.data_ptr(), p._version) for p in self.model.parameters()]
+        old, weights = self._engine, weights_version(self.model)
         if old is not None and old.max_len >= max_len and old.max_batch >= min(batch, self.max_batch) \
                 and weights == self._weights:
             return old

@@ -217,6 +217,12 @@ def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
                       F.rms_norm(k.float(), (hd,), k_weight.float(), eps).to(qkv.dtype), v], dim=-2)
 
 
+def weights_version(model: nn.Module) -> list[tuple[int, int]]:
+    """Changes whenever a parameter is replaced (its storage moves) or modified in place (its version
+    counter: an optimizer step or `load_state_dict` bumps it): for caches built from the weights."""
+    return [(p.data_ptr(), p._version) for p in model.parameters()]
+
+
 def stacked_weights(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weights (and biases) of linear layers that read the same input, stacked along the output axis."""
     bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from athanor.model.llama import KVCache, LlamaModel, RMSNorm, norm_heads, stacked_weights
+from athanor.model.llama import KVCache, LlamaModel, RMSNorm, norm_heads, stacked_weights, weights_version
 
 # The compiled step serves decoding and speculative verification: a few new tokens. Its attention
 # (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
@@ -398,7 +398,7 @@ def fast_forward(model: LlamaModel, compile: bool = False) -> FastForward | None
     graph on this CPU, in every new process); the eager one stays eager for other callers."""
     if next(model.parameters()).dtype != torch.float32 or not _plain_layers(model):
         return None
-    versions = [(p.data_ptr(), p._version) for p in model.parameters()]
+    versions = weights_version(model)
     modes = _built.setdefault(model, {})
     if compile not in modes or modes[compile][0] != versions:
         modes[compile] = (versions, FastForward(model, compiled=compile))
