@@ -6,6 +6,9 @@ residual; a final RMSNorm and a (possibly tied) output head. The relatives diffe
 switches of `ModelConfig`: Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each q and k head
 before the rotation, Llama 3.1+ stretches the rotary frequencies for long contexts.
 
+The modules here hold the weights; the layer's math is model/block.py's `decoder_layer`, which
+the inference fast path (serve/fast.py) runs too, on its own copies of the same weights.
+
 Module and parameter names mirror transformers' `LlamaForCausalLM` exactly
 (`model.layers.N.self_attn.q_proj.weight`, ...), so a state dict moves between the two
 without renaming, and the config's field names are those of `LlamaConfig`.
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athanor.model.block import Kernels, sdpa_layers
 from athanor.model.fused import apply_rope, rms_norm, rotary_qkv, rotate_half, swiglu  # noqa: F401 (re-exported)
 from athanor.model.linear_ce import linear_cross_entropy
 
@@ -202,19 +206,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 even under bf16 autocast, as Llama does, then cast back.
-        return rms_norm(x.float(), self.weight.float(), self.eps).to(x.dtype)
+        return _norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n_q: int, n_kv: int,
-               eps: float) -> torch.Tensor:
-    """Qwen3's q/k norms: an RMSNorm over head_dim of every query head (weight `q_weight`) and key
-    head (`k_weight`), before the rotation; the values pass unchanged. `qkv` (..., n_q + 2 n_kv,
-    head_dim) as the stacked projection gives it. Shared by the model and serve/fast.py."""
-    q, k, v = qkv.split([n_q, n_kv, n_kv], dim=-2)
-    hd = qkv.shape[-1]
-    return torch.cat([F.rms_norm(q.float(), (hd,), q_weight.float(), eps).to(qkv.dtype),
-                      F.rms_norm(k.float(), (hd,), k_weight.float(), eps).to(qkv.dtype), v], dim=-2)
+def _norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in fp32 even under bf16 autocast, as Llama does, then cast back.
+    return rms_norm(x.float(), weight.float(), eps).to(x.dtype)
+
+
+def _rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rotary_qkv(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), n_q, n_kv)
+
+
+# The training model's kernels (see model/block.py): fused backward passes (model/fused.py), fp32 norms.
+TRAINING_KERNELS = Kernels(norm=_norm, rope=_rope, swiglu=swiglu)
 
 
 def weights_version(model: nn.Module) -> list[tuple[int, int]]:
@@ -247,40 +253,22 @@ def stacked_linear(x: torch.Tensor, linears: Sequence[nn.Module]) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.dim_per_head
-        d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=config.o_bias)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(self.hd, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd, config.rms_norm_eps)
+    """The attention's projections (and Qwen3's head norms) under transformers' names."""
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = stacked_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        qkv = qkv.view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
-        if hasattr(self, "q_norm"):
-            qkv = norm_heads(qkv, self.q_norm.weight, self.k_norm.weight, self.n_heads, self.n_kv, self.q_norm.eps)
-        q, k, v = rotary_qkv(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), self.n_heads, self.n_kv)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, start_pos)
-        # Grouped-query attention: each group of n_heads / n_kv query heads shares one k/v head.
-        # Causal without a cache (or a fresh one); an explicit mask when new tokens see a cached prefix.
-        causal = mask is None and k.shape[2] == T and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h = config.hidden_size, config.dim_per_head
+        self.q_proj = nn.Linear(d, config.num_attention_heads * h, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * h, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * h, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * h, d, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward's projections (Shazeer, 2020): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -288,22 +276,47 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(stacked_linear(x, (self.gate_proj, self.up_proj))))
-
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    """One layer's weights under transformers' names, as model/block.py's `LayerParts`: its math is
+    `decoder_layer` there. The projections call the modules, so LoRA, quantized layers and
+    hooks that replace or wrap them take part."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    @property
+    def input_norm(self) -> torch.Tensor:
+        return self.input_layernorm.weight
+
+    @property
+    def post_norm(self) -> torch.Tensor:
+        return self.post_attention_layernorm.weight
+
+    @property
+    def q_norm(self) -> torch.Tensor | None:
+        return self.self_attn.q_norm.weight if hasattr(self.self_attn, "q_norm") else None
+
+    @property
+    def k_norm(self) -> torch.Tensor | None:
+        return self.self_attn.k_norm.weight if hasattr(self.self_attn, "k_norm") else None
+
+    def qkv(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.self_attn
+        return stacked_linear(h, (a.q_proj, a.k_proj, a.v_proj))
+
+    def o(self, y: torch.Tensor) -> torch.Tensor:
+        return self.self_attn.o_proj(y)
+
+    def gate_up(self, h: torch.Tensor) -> torch.Tensor:
+        return stacked_linear(h, (self.mlp.gate_proj, self.mlp.up_proj))
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.down_proj(h)
 
 
 class Backbone(nn.Module):
@@ -312,7 +325,7 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -362,28 +375,12 @@ class LlamaModel(nn.Module):
         cross-entropy, computed without materializing the logits (see linear_ce.py).
         """
         T = input_ids.shape[1]
-        per_row = isinstance(start_pos, torch.Tensor)
-        last = int(start_pos.max()) + T if per_row else start_pos + T
+        last = int(start_pos.max()) + T if isinstance(start_pos, torch.Tensor) else start_pos + T
         if last > self.config.max_position_embeddings:
             raise ValueError(f"positions up to {last} exceed max_position_embeddings "
                              f"= {self.config.max_position_embeddings}")
-        mask = attention_mask
-        if per_row:
-            pos = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
-            cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]  # (B, T, 1, head_dim)
-            if mask is None:  # row b's query i sees keys up to its own position start_b + i
-                mask = (torch.arange(last, device=input_ids.device) <= pos[..., None])[:, None]
-        else:
-            cos = self.rope_cos[start_pos:start_pos + T, None]  # (T, 1, head_dim)
-            sin = self.rope_sin[start_pos:start_pos + T, None]
-            if mask is None and start_pos > 0 and T > 1:
-                # New tokens see the whole cached prefix and, causally, each other.
-                i = torch.arange(T, device=input_ids.device)[:, None]
-                j = torch.arange(start_pos + T, device=input_ids.device)[None, :]
-                mask = j <= start_pos + i
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos, cache, mask)
+        x = sdpa_layers(self.model.embed_tokens(input_ids), self.model.layers, self.config, TRAINING_KERNELS,
+                        self.rope_cos, self.rope_sin, start_pos, cache, attention_mask)
         x = self.model.norm(x)
         if targets is not None:
             return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))

@@ -2,14 +2,15 @@
 
 Decoding a few-million-parameter model one token at a time on a CPU is bound by per-operation
 overhead (dispatch, allocation, module calls), not arithmetic: an eager step runs ~35 PyTorch
-operations per layer. This forward computes the same function with ~15:
+operations per layer. This forward computes the same function with ~15. The layer's math is the
+model's own, model/block.py's `decoder_layer`; what differs is what it is given here:
 - q, k and v come from one matrix product with the three weights stacked (built once here), and
   likewise SwiGLU's gate and up projections; every matrix is stored transposed, (in, out), which
   the CPU's matrix product runs faster for a few rows (see `_linear`);
 - rotary embeddings rotate q and k together, and "rotate half" becomes a roll by half a head
   with the sign folded into the sine table: rotate_half(x) * sin == roll(x, hd/2) * [-sin1, sin2]
   (negation is exact, so the rotated term equals the reference's bit for bit);
-- no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm`.
+- no `nn.Module` calls, no dtype round trips; RMSNorm is one `F.rms_norm` (`FAST_KERNELS`).
 
 A compiled FastForward (`fast_forward(model, compile=True)`) adds compiled steps for new tokens
 after >= 2 cached ones, which fuse the elementwise work between the matrix products into generated
@@ -42,6 +43,7 @@ weights as they are at construction: `fast_forward(model)` gives a cached one, r
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -53,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from athanor.model.llama import KVCache, LlamaModel, RMSNorm, norm_heads, stacked_weights, weights_version
+from athanor.model.block import Kernels, decoder_layer, sdpa_layers
+from athanor.model.llama import DecoderLayer, KVCache, LlamaModel, RMSNorm, stacked_weights, weights_version
 
 # The compiled step serves decoding and speculative verification: a few new tokens. Its attention
 # (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
@@ -62,25 +65,16 @@ COMPILED_MAX_NEW = 16
 
 class FastForward:
     def __init__(self, model: LlamaModel, compiled: bool = False) -> None:
-        c = model.config
+        c = self.config = model.config
         self.n_heads, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.dim_per_head
         self.eps = c.rms_norm_eps
         self.max_pos = c.max_position_embeddings
         half = self.hd // 2
-        # (positions, 1, head_dim): broadcasts over (batch, time, heads, head_dim).
-        self.cos = model.rope_cos[:, None].clone()
-        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1)[:, None]
-        self.layers = []
+        # (positions, head_dim); the sine's sign for "rotate half" folded in (see `_rope`).
+        self.cos = model.rope_cos.clone()
+        self.sin = torch.cat([-model.rope_sin[:, :half], model.rope_sin[:, half:]], -1)
         with torch.no_grad():
-            for layer in model.model.layers:
-                a, m = layer.self_attn, layer.mlp
-                w_qkv, b_qkv = stacked_weights((a.q_proj, a.k_proj, a.v_proj))
-                w_gu, _ = stacked_weights((m.gate_proj, m.up_proj))
-                norms = (a.q_norm.weight, a.k_norm.weight) if hasattr(a, "q_norm") else None
-                self.layers.append((
-                    (layer.input_layernorm.weight, _t(w_qkv), b_qkv, norms), _t(a.o_proj.weight), a.o_proj.bias,
-                    layer.post_attention_layernorm.weight, _t(w_gu), _t(m.down_proj.weight),
-                ))
+            self.layers = [_Layer(layer) for layer in model.model.layers]
             self.head = _t(model.lm_head.weight)
         self.embed, self.norm = model.model.embed_tokens.weight, model.model.norm.weight
         self.compiled = compiled
@@ -102,48 +96,9 @@ class FastForward:
         if self.compiled and B == 1 and T <= COMPILED_MAX_NEW and not per_row and start_pos >= 2 \
                 and isinstance(cache.rows, slice):
             return self._compiled_step("one" if T == 1 else "few", [input_ids], start_pos, cache)[0]
-        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
-        d = self.embed.shape[1]
-        mask = None
-        if per_row:  # row b's query i sits at start_b + i and sees keys up to there
-            pos = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # (B, T)
-            cos, sin = self.cos[pos], self.sin[pos]  # (B, T, 1, head_dim)
-            mask = (torch.arange(end, device=input_ids.device) <= pos[..., None])[:, None]
-        else:
-            cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]
-            if start_pos > 0 and T > 1:  # new tokens see the cached prefix and, causally, each other
-                pos = torch.arange(end, device=input_ids.device)
-                mask = pos[None, :] <= pos[start_pos:, None]  # key j <= query position
-        causal = mask is None and start_pos == 0 and T > 1
-        gqa = H != Hkv
-        x = F.embedding(input_ids, self.embed)
-        for i, (qkv_in, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            qk, v = self._rotated_qkv(x, qkv_in, cos, sin)
-            k, v = cache.update(i, qk[:, :, H:].transpose(1, 2), v.transpose(1, 2), start_pos)
-            y = F.scaled_dot_product_attention(qk[:, :, :H].transpose(1, 2), k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=gqa)
-            x = x + _linear(y.transpose(1, 2).reshape(B, T, H * hd), w_o, b_o)
-            x = self._mlp(x, ln2, w_gu, w_down)
-        return _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
-
-    def _rotated_qkv(self, x: torch.Tensor, qkv_in: tuple, cos: torch.Tensor, sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention's inputs from the residual stream x (..., T, d): q|k with RoPE applied,
-        (..., T, heads + kv_heads, head_dim), and v, (..., T, kv_heads, head_dim). `qkv_in` is the
-        layer's (input norm, stacked q|k|v weight, its bias, the q/k head norms or None). Shared by
-        the eager step and the compiled one."""
-        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
-        ln1, w_qkv, b_qkv, norms = qkv_in
-        qkv = _linear(F.rms_norm(x, (x.shape[-1],), ln1, self.eps), w_qkv, b_qkv).view(*x.shape[:-1], H + 2 * Hkv, hd)
-        if norms is not None:
-            qkv = norm_heads(qkv, *norms, H, Hkv, self.eps)
-        qk = qkv[..., :H + Hkv, :]
-        return torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin), qkv[..., H + Hkv:, :]
-
-    def _mlp(self, x: torch.Tensor, ln2: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        """The residual stream after the layer's SwiGLU block."""
-        gate, up = _linear(F.rms_norm(x, (x.shape[-1],), ln2, self.eps), w_gu).chunk(2, -1)
-        return x + _linear(F.silu(gate) * up, w_down)
+        x = sdpa_layers(F.embedding(input_ids, self.embed), self.layers, self.config, FAST_KERNELS,
+                        self.cos, self.sin, start_pos, cache, None)
+        return _linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.head)
 
     @torch.no_grad()
     def greedy_chain(self, token: int, start_pos: int, cache: KVCache, steps: int
@@ -282,24 +237,23 @@ class FastForward:
         lengths[b] cached keys. Returns the logits (B, T, V) and the new keys/values
         (layers, B, kv_heads, T, head_dim)."""
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
-        (B, T), G, d = ids.shape, H // Hkv, self.embed.shape[1]
+        (B, T), G = ids.shape, H // Hkv
         keys, values = ([kc], [vc]) if earlier is None else ([kc, earlier[0]], [vc, earlier[1]])
         L = sum(k.shape[3] for k in keys)
         # Gathered rather than sliced: a slice would end at min(L + T, max_pos), a bound that export
         # would have to prove for every L and T.
         positions = torch.arange(T, device=ids.device) + (L if lengths is None else lengths[:, None])
-        cos, sin = self.cos[positions], self.sin[positions]  # (T, 1, hd), or per row (B, T, 1, hd)
+        cos, sin = self.cos[positions][..., None, :], self.sin[positions][..., None, :]  # (T, 1, hd) or (B, T, 1, hd)
         # New token i sees the cached keys (a row's first lengths[b]) and new tokens j <= i.
         future = torch.ones(T, T, dtype=torch.bool, device=ids.device).triu(1) if T > 1 else None
         unwritten = None if lengths is None else \
             (torch.arange(kc.shape[3], device=ids.device) >= lengths[:, None])[:, None, None, None]
-        x = F.embedding(ids, self.embed)  # (B, T, d)
         ks, vs = [], []
-        for i, (qkv_in, w_o, b_o, ln2, w_gu, w_down) in enumerate(self.layers):
-            qk, v = self._rotated_qkv(x, qkv_in, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # Grouped-query attention: the G query heads of a group share one k/v head.
-            q = qk[:, :, :H].view(B, T, Hkv, G, hd).permute(0, 2, 3, 1, 4) * (1 / math.sqrt(hd))  # (B, Hkv, G, T, hd)
-            k, v = qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
+            q = q.view(B, T, Hkv, G, hd).permute(0, 2, 3, 1, 4) * (1 / math.sqrt(hd))  # (B, Hkv, G, T, hd)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, hd)
             # Products as multiply-and-sum, which inductor fuses into its own loops: a few query rows
             # against <= 512 keys is too small for a matrix-product call (~30 us each, 8 per step).
             new = _dot(q, k[:, :, None])
@@ -314,10 +268,56 @@ class FastForward:
                 y, at = y + _mix(p[..., at:at + kk.shape[3]], vv[i][:, :, None]), at + kk.shape[3]
             ks.append(k)
             vs.append(v)
-            x = x + _linear(y.permute(0, 3, 1, 2, 4).reshape(B, T, H * hd), w_o, b_o)
-            x = self._mlp(x, ln2, w_gu, w_down)
-        logits = _linear(F.rms_norm(x, (d,), self.norm, self.eps), self.head)
+            return y.permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+        x = F.embedding(ids, self.embed)  # (B, T, d)
+        for i, layer in enumerate(self.layers):
+            x = decoder_layer(x, layer, self.config, FAST_KERNELS, cos, sin, functools.partial(attend, i))
+        logits = _linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.head)
         return logits, torch.stack(ks), torch.stack(vs)
+
+
+class _Layer:
+    """A layer's weights as model/block.py's `LayerParts`, copied once: q|k|v and gate|up stacked
+    into one matrix each, every matrix stored transposed (see `_linear`)."""
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        a, m = layer.self_attn, layer.mlp
+        w_qkv, self.b_qkv = stacked_weights((a.q_proj, a.k_proj, a.v_proj))
+        self.w_qkv, self.w_o, self.b_o = _t(w_qkv), _t(a.o_proj.weight), a.o_proj.bias
+        self.w_gate_up, self.w_down = _t(stacked_weights((m.gate_proj, m.up_proj))[0]), _t(m.down_proj.weight)
+        self.input_norm, self.post_norm, self.q_norm, self.k_norm = \
+            layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm
+
+    def qkv(self, h: torch.Tensor) -> torch.Tensor:
+        return _linear(h, self.w_qkv, self.b_qkv)
+
+    def o(self, y: torch.Tensor) -> torch.Tensor:
+        return _linear(y, self.w_o, self.b_o)
+
+    def gate_up(self, h: torch.Tensor) -> torch.Tensor:
+        return _linear(h, self.w_gate_up)
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        return _linear(h, self.w_down)
+
+
+def _rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k rotated together; "rotate half" as a roll by half a head with the sine's sign folded
+    into the table: rotate_half(x) * sin == roll(x, hd/2) * [-sin1, sin2]."""
+    qk = qkv[..., :n_q + n_kv, :]
+    qk = torch.addcmul(qk * cos, qk.roll(qkv.shape[-1] // 2, -1), sin)
+    return qk[..., :n_q, :], qk[..., n_q:, :], qkv[..., n_q + n_kv:, :]
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+# The inference kernels (see model/block.py): plain ops, the fewest dispatches, fp32 only.
+FAST_KERNELS = Kernels(norm=F.rms_norm, rope=_rope, swiglu=_swiglu)
 
 
 class _Step(torch.nn.Module):
