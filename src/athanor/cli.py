@@ -189,7 +189,8 @@ def cmd_quantize(args: argparse.Namespace, overrides: list[str]) -> None:
     out = Path(args.out or Path(path) / "quant")
     run_scorecard(path, out, cfg, text_file=args.text, imatrix=imatrix, force=args.force)
     print((out / "scorecard.md").read_text())
-    print(f"scorecard -> {out / 'scorecard.md'} and {out / 'scorecard.png'}; GGUF files in {out}")
+    gguf = f"; GGUF files in {out}" if any(out.glob("model-*.gguf")) else ""
+    print(f"scorecard -> {out / 'scorecard.md'} and {out / 'scorecard.png'}{gguf}")
 
 def cmd_data_check(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:

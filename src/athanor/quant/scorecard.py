@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
+from athanor.errors import AthanorError
 from athanor.io import atomic_write, atomic_write_text, refuse_to_overwrite
 from athanor.lm.local import LocalLM
 from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.quant.gguf import export_gguf
+from athanor.quant.gguf_vocab import vocab_from_run
 from athanor.quant.imatrix import calibration_tokens, collect_imatrix
 from athanor.quant.linear import quantize_model, quantize_weights
 from athanor.quant.schemes import get_scheme
@@ -109,6 +111,8 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
     ref_texts, ref_speed = _answers(base, tok, cfg.answer_tokens)
     ref_emb = encoder.encode(ref_texts, convert_to_tensor=True) if encoder else None
     ref_nll = -ref.gather(1, targets[:, None]).mean().item()
+    refused = _gguf_refusal(run_dir, base.config.vocab_size) if cfg.write_gguf else None
+    write_gguf = cfg.write_gguf and refused is None
 
     rows = [{"type": "F32 (reference)", "bits/weight": 32.0, "file MB": None, "perplexity": math.exp(ref_nll),
              "ppl change %": 0.0, "mean KLD": 0.0, "top-1 agree %": 100.0,
@@ -119,7 +123,7 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
         n_values = sum(q.rows * q.cols for q in weights.values())
         bpw = 8 * sum(q.nbytes for q in weights.values()) / n_values
         size = None
-        if cfg.write_gguf:
+        if write_gguf:
             size = export_gguf(run_dir, out_dir / f"model-{scheme.name}.gguf", scheme, model=base,
                                weights=weights, force=True)["bytes"]  # out_dir is this scorecard's own
         qmodel = quantize_model(load_pretrained(run_dir).eval(), scheme, weights=weights)
@@ -136,7 +140,8 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
                      "perplexity": math.exp(nll), "ppl change %": 100 * (math.exp(nll - ref_nll) - 1),
                      "mean KLD": kld, "top-1 agree %": 100 * agree, "answer similarity": sim,
                      "decode tok/s": speed, "mix": scheme.is_mix, "seconds": time.perf_counter() - t0})
-    meta = {"run_dir": str(run_dir), "gguf": cfg.write_gguf, "held_out_tokens": int(targets.numel()), "window": seq,
+    meta = {"run_dir": str(run_dir), "gguf": write_gguf, "gguf_refused": refused,
+            "held_out_tokens": int(targets.numel()), "window": seq,
             "config": asdict(cfg),
             "imatrix": bool(imatrix), "embeddings": encoder is not None,
             "labels": {s.name: s.label for s in schemes}}
@@ -144,6 +149,17 @@ def run_scorecard(run_dir: str | Path, out_dir: str | Path, cfg: ScorecardConfig
     atomic_write_text(out_dir / "scorecard.md", render_markdown(rows, meta) + "\n")
     plot_scorecard(rows, out_dir / "scorecard.png")
     return rows
+
+
+def _gguf_refusal(run_dir: Path, vocab_size: int) -> str | None:
+    """Why this model's GGUF cannot be written (a tokenizer llama.cpp would split differently), or None.
+    The scorecard measures athanor's quantized modules, so it goes on without the files and says why."""
+    try:
+        vocab_from_run(run_dir, vocab_size)
+    except AthanorError as e:
+        print(f"scorecard: no GGUF files ({e}); the file-size column stays empty", flush=True)
+        return str(e)
+    return None
 
 
 def _fmt(v: Any, digits: int) -> str:
@@ -164,6 +180,8 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['window']}); importance matrix: "
              f"{'yes' if meta['imatrix'] else 'no'}; answer similarity: {similarity}.",
              "", *(f"- {label}" for label in meta["labels"].values())]
+    if meta.get("gguf_refused"):
+        notes += ["", f"No GGUF files were written: {meta['gguf_refused']}"]
     return markdown_table(table) + "\n\n" + "\n".join(notes)
 
 
