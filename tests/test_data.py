@@ -136,3 +136,21 @@ def test_too_little_data_for_the_ranks_is_an_error_not_a_hang() -> None:
         SFTStage(rows, None, batch_size=4, seed=0, rank=1, world=2)
     alone = SFTStage(rows, None, batch_size=4, seed=0)  # one rank: batches of the one row there is
     assert alone.next_batch()["x"].shape == (1, 8) and alone.next_batch()["x"].shape == (1, 8)
+
+
+def test_documents_stay_apart_with_a_tokenizer_that_adds_no_bos(tmp_path: Path) -> None:
+    """Qwen's tokenizer adds no BOS: each document ends with EOS instead of running into the next."""
+    from shipped_tokenizers import build, corpus_texts
+
+    from athanor.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(build("qwen2", corpus_texts(20_000), tmp_path / "tok", vocab_size=300))
+    assert not tok.add_bos and tok.eos_id is not None
+    texts = [f"document {i}: " + "words and more words " * (i + 1) for i in range(12)]
+    for i, t in enumerate(texts):
+        (tmp_path / f"d{i:02d}.txt").write_text(t)
+    meta = build_shards(DataConfig(paths=[str(tmp_path / "d*.txt")], val_fraction=0.2), tok, tmp_path / "shards",
+                        show_progress=False)
+    for split in ("train", "val"):
+        ids = np.asarray(open_tokens(tmp_path / "shards", split))
+        assert int((ids == tok.eos_id).sum()) == meta.documents[split] and ids[-1] == tok.eos_id

@@ -42,10 +42,19 @@ class ShardMeta:
 def _fingerprint(config: DataConfig, tokenizer: Tokenizer) -> str:
     import sys
 
-    # Whether documents start with BOS is the post-processor's call, which the tokenizer's fingerprint leaves out.
-    key = json.dumps({"data": asdict(config), "tokenizer": tokenizer.fingerprint(), "bos": tokenizer.add_bos,
+    # How documents are kept apart is the post-processor's call, which the tokenizer's fingerprint leaves out.
+    key = json.dumps({"data": asdict(config), "tokenizer": tokenizer.fingerprint(), "apart": _separators(tokenizer),
                       "python": sys.version if not config.paths else None}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _separators(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The tokens before and after each document, so that documents never run together in the stream:
+    BOS before each where the tokenizer adds one (Llama, athanor's own), else EOS after each (GPT-2,
+    Qwen, SmolLM2 ship no BOS; GPT-2's pre-training put its end-of-text token between documents)."""
+    if tokenizer.add_bos:
+        return [tokenizer.bos_id], []
+    return [], [] if tokenizer.eos_id is None else [tokenizer.eos_id]
 
 
 def _batched(docs: Iterator, n: int) -> Iterator[list]:
@@ -71,7 +80,7 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
             return meta
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    head = [tokenizer.bos_id] if tokenizer.add_bos else []
+    head, tail = _separators(tokenizer)
     tmp = {s: out_dir / f".{s}.bin.tmp" for s in SPLITS}
     files = {s: open(tmp[s], "wb") for s in SPLITS}
     tokens = dict.fromkeys(SPLITS, 0)
@@ -82,7 +91,7 @@ def build_shards(config: DataConfig, tokenizer: Tokenizer, out_dir: str | Path,
         for batch in _batched(iter_documents(config), 256):
             for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
                 split = "val" if is_held_out(doc.id, config.val_fraction) else "train"
-                arr = np.asarray(head + ids, dtype=dtype)
+                arr = np.asarray(head + ids + tail, dtype=dtype)
                 arr.tofile(files[split])
                 tokens[split] += arr.size
                 documents[split] += 1
