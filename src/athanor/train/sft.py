@@ -32,11 +32,12 @@ from athanor.data.sampler import EpochSampler
 from athanor.data.synth import KINDS, Task, make_splits, read_tasks, write_tasks
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
-from athanor.model.hf import load_pretrained, save_pretrained
+from athanor.model.hf import load_pretrained
 from athanor.stage import Context, Section
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
 from athanor.train.behavior import evaluate_behavior
+from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_trained
 from athanor.train.loop import TrainConfig, Trainer
 
 IGNORE = -100
@@ -50,18 +51,6 @@ class SFTDataConfig:
     synth_heldout: int = 200
     synth_kinds: list[str] = field(default_factory=lambda: list(KINDS))
     seed: int = 0
-
-
-@dataclass
-class LoraSettings:
-    """`--lora.enabled=true` trains low-rank adapters instead of every weight (see model/lora.py)."""
-
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False  # scale by alpha / sqrt(r) (Kalajdzievski, 2023) instead of alpha / r
-    target_modules: list[str] = field(default_factory=list)  # empty: every linear layer but the output head
 
 
 @dataclass
@@ -257,14 +246,7 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
             timings["eval_base_s"] = time.perf_counter() - t
             atomic_write_text(before_path, json.dumps(before, indent=2) + "\n")
 
-        lora_info = None
-        if recipe.lora.enabled:
-            from athanor.model.lora import LoraConfig, apply_lora
-
-            lc = recipe.lora
-            lora_cfg = LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, rslora=lc.rslora,
-                                  target_modules=lc.target_modules or None)
-            lora_info = apply_lora(model, lora_cfg, seed=cfg.seed)
+        lora_info = maybe_apply_lora(model, recipe.lora, cfg.seed)
         stage = SFTStage(rows, held_rows, cfg.batch_size, cfg.seed, info.rank, info.world)
         trainer = Trainer(model, stage, cfg, out_dir, info, show_progress, name="sft")
         t = time.perf_counter()
@@ -273,25 +255,10 @@ def sft(recipe: SFTRecipe, show_progress: bool = True) -> dict[str, Any]:
         result: dict[str, Any] = {**final, "steps": cfg.max_steps, "tokens_seen": trainer.tokens_seen,
                                   "train_examples": len(train_ex), "packed_rows": len(rows["x"]),
                                   "resumed_from_step": trainer.resumed_from}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        # Full tensors from every rank (a collective: under FSDP each rank holds only a shard).
-        full = get_model_state_dict(trainer.wrapped, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
-        if info.is_main:
-            export = load_pretrained(recipe.base, device=info.device)
+        export = save_trained(trainer, recipe.base, lora_info, out_dir, tok, info)
+        if export is not None:
             if lora_info is not None:
-                from athanor.model.lora import apply_lora, merge_lora, save_adapter
-
-                apply_lora(export, lora_info.config)
-                export.load_state_dict(full)
-                save_adapter(export, lora_info, out_dir / "adapter", base=recipe.base)
-                export = merge_lora(export)
                 result["trainable_parameters"] = lora_info.trainable
-            else:
-                export.load_state_dict(full)
-            save_pretrained(export, out_dir)
-            tok.save(out_dir, model_max_length=export.config.max_position_embeddings)
             if tasks:
                 t = time.perf_counter()
                 after = evaluate_behavior(export, tok, tasks, recipe.eval_max_new_tokens)
