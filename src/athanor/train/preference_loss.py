@@ -10,7 +10,8 @@ the losses, averaged over the pairs of a batch, are (sigma the logistic function
 
 - "sigmoid", DPO (Rafailov et al. 2023, "Direct Preference Optimization"):  -log sigma(beta h).
   With label_smoothing = eps > 0 it is conservative DPO (cDPO, Mitchell 2023), for labels flipped
-  with probability eps: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h). TRL 1.16's
+  with probability eps ("A note on DPO with noisy preferences"):
+  -(1 - eps) log sigma(beta h) - eps log sigma(-beta h). TRL 1.16's
   DPOTrainer ignores label_smoothing for "sigmoid" (its older versions, and its "aot" loss on a
   single pair, compute this cDPO form); athanor applies it rather than drop a setting silently.
 - "robust", robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"), an unbiased loss under
@@ -20,7 +21,8 @@ the losses, averaged over the pairs of a batch, are (sigma the logistic function
   Human Preferences", eq. 17, beta is their tau): (h' - 1 / (2 beta))^2, where, following TRL
   1.16 exactly, h' uses each answer's log-ratio divided by its number of tokens:
   h' = r(y_w) / |y_w| - r(y_l) / |y_l|. (The paper writes sequence log-probs; TRL normalizes by
-  length, as the IPO authors confirmed their results did.)
+  length, as the IPO authors confirmed their results did.) |y| is the number of answer tokens
+  scored, TRL's completion-mask count whenever the prompt is not empty.
 - "hinge", SLiC (Zhao et al. 2023, "SLiC-HF"): max(0, 1 - beta h).
 - "simpo", SimPO (Meng et al. 2024, "Simple Preference Optimization with a Reference-Free
   Reward"): no reference; the reward of an answer is its *average* token log-prob,
