@@ -226,7 +226,7 @@ def test_save_keeps_the_shipped_config(shipped: dict[str, Path], tmp_path: Path)
 def test_documents_start_as_the_tokenizer_starts_them(shipped: dict[str, Path], family: str,
                                                       tmp_path: Path) -> None:
     """Shards, calibration text and prompts take BOS from the tokenizer's own rule: Llama 3 adds one,
-    Qwen2 has none (its bos_token is null)."""
+    Qwen2 has none (its bos_token is null), so its documents end with EOS instead."""
     tok = Tokenizer.load(shipped[family])
     doc = "def one():\n    return 1\n\n\nclass Two:\n    pass\n" * 4
     (tmp_path / "doc.txt").write_text(doc)
@@ -234,8 +234,8 @@ def test_documents_start_as_the_tokenizer_starts_them(shipped: dict[str, Path], 
                  show_progress=False)
     # One document cannot be split by document: the held-out part is the stream's tail, given its own BOS.
     train, val = ([int(t) for t in open_tokens(tmp_path / "shards", s)] for s in ("train", "val"))
-    head = [tok.bos_id] if tok.add_bos else []
-    assert val[:len(head)] == head and train + val[len(head):] == head + tok.encode(doc)
+    head, tail = ([tok.bos_id], []) if tok.add_bos else ([], [tok.eos_id])
+    assert val[:len(head)] == head and train + val[len(head):] == head + tok.encode(doc) + tail
     text = tmp_path / "calib.txt"
     text.write_text(doc)
     assert calibration_tokens(shipped[family], 1000, text_file=text).tolist() == tok.encode_prompt(doc)
