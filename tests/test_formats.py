@@ -86,6 +86,21 @@ def test_check_goes_on_past_lines_that_do_not_parse(tmp_path):
         load_examples(path)
 
 
+def test_parquet_rows_are_records(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"instruction": "Add.", "input": "2 3", "output": "5"},
+            {"instruction": "Say hi", "input": None, "output": "hi"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    exs = load_examples(tmp_path / "d.parquet")
+    assert [e.line for e in exs] == [1, 2]  # a null cell is a field that is not there
+    assert exs[1].messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    pq.write_table(pa.Table.from_pylist([*rows, {"instruction": "x", "input": None, "output": None}]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(AthanorError, match=f"^{tmp_path}/bad.parquet:3: field 'output': missing"):
+        load_examples(tmp_path / "bad.parquet")
+
+
 def test_cli_data_check(tmp_path, tokenizer_dir, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b"}] * 3)
     assert main(["data", "check", str(good), "--tokenizer", str(tokenizer_dir)]) == 0

@@ -1,6 +1,7 @@
 """Instruction data as people already have it, normalized to chat `messages`.
 
-One record per JSONL line (or the items of a JSON array), in any of the field's usual shapes:
+One record per JSONL line (or the items of a JSON array, or the rows of a parquet file), in any of the
+field's usual shapes:
 
 - Alpaca: `{"instruction", "input" (optional), "output", "system" (optional)}`
   -> user = instruction, then a blank line and the input when there is one; assistant = output.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from athanor.data.corpus import open_parquet
 from athanor.errors import AthanorError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -113,7 +115,8 @@ def to_messages(record: Any, path: str, line: int) -> Example:
 
 
 def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[tuple[int, Any]]:
-    """(line, parsed record) for JSONL, or (1-based index, item) for a JSON array file.
+    """(line, parsed record) for JSONL, (1-based index, item) for a JSON array file, or (1-based row,
+    {column: value}) for parquet (a null cell reads as None, so as a field that is not there).
 
     A JSONL line that is not UTF-8 or not JSON raises a `RecordError` naming it; given an
     `errors` list, it is appended there instead and the scan goes on with the next line.
@@ -121,6 +124,10 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> I
     path = Path(path)
     if not path.is_file():
         raise AthanorError("data file not found", path=path)
+    if path.suffix.lower() == ".parquet":
+        rows = (row for batch in open_parquet(path).iter_batches() for row in batch.to_pylist())
+        yield from enumerate(rows, 1)
+        return
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if path.suffix == ".json" or head.startswith(b"["):
