@@ -29,6 +29,7 @@ from athanor.errors import AthanorError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ROLES = ("system", "user", "assistant")
+CHAT_ROLES = {r: r for r in ROLES}  # OpenAI-style messages name the roles as athanor does
 
 
 @dataclass
@@ -47,7 +48,8 @@ class RecordError(AthanorError):
         self.record_path, self.record_line, self.record_field = path, line, field
 
 
-def _text(record: dict, key: str, path: str, line: int, required: bool = True) -> str:
+def read_text(record: dict, key: str, path: str, line: int, required: bool = True) -> str:
+    """`record[key]` as text; missing (unless not `required`: then "") or not text is an error at `key`."""
     value = record.get(key)
     if value is None and not required:
         return ""
@@ -57,8 +59,9 @@ def _text(record: dict, key: str, path: str, line: int, required: bool = True) -
     return value
 
 
-def _turns(items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str],
-           path: str, line: int) -> list[dict[str, str]]:
+def read_turns(items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str],
+               path: str, line: int) -> list[dict[str, str]]:
+    """`items` as {"role", "content"} messages; an item that is not a known turn is an error at `key[i]`."""
     if not isinstance(items, list) or not items:
         raise RecordError("must be a non-empty list of turns", path, line, key)
     out = []
@@ -81,28 +84,28 @@ def to_messages(record: Any, path: str, line: int) -> Example:
     """Normalize one record; raises `RecordError` naming the field at fault."""
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}", path, line)
-    identity = {r: r for r in ROLES}
     if "messages" in record:
-        fmt, messages = "messages", _turns(record["messages"], "messages", "role", "content", identity, path, line)
+        fmt = "messages"
+        messages = read_turns(record["messages"], "messages", "role", "content", CHAT_ROLES, path, line)
     elif "conversations" in record:
-        fmt, messages = "sharegpt", _turns(record["conversations"], "conversations", "from", "value",
-                                           SHAREGPT_ROLES, path, line)
+        fmt, messages = "sharegpt", read_turns(record["conversations"], "conversations", "from", "value",
+                                               SHAREGPT_ROLES, path, line)
     elif "instruction" in record or "output" in record:
         fmt = "alpaca"
-        instruction, extra = _text(record, "instruction", path, line), _text(record, "input", path, line, False)
-        system = _text(record, "system", path, line, False)
+        instruction, extra = read_text(record, "instruction", path, line), read_text(record, "input", path, line, False)
+        system = read_text(record, "system", path, line, False)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")},
-            {"role": "assistant", "content": _text(record, "output", path, line)}]
+            {"role": "assistant", "content": read_text(record, "output", path, line)}]
     elif "prompt" in record or "completion" in record:
         fmt = "prompt_completion"
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational form
-            messages = (_turns(prompt, "prompt", "role", "content", identity, path, line)
-                        + _turns(completion, "completion", "role", "content", identity, path, line))
+            messages = (read_turns(prompt, "prompt", "role", "content", CHAT_ROLES, path, line)
+                        + read_turns(completion, "completion", "role", "content", CHAT_ROLES, path, line))
         else:
-            messages = [{"role": "user", "content": _text(record, "prompt", path, line)},
-                        {"role": "assistant", "content": _text(record, "completion", path, line)}]
+            messages = [{"role": "user", "content": read_text(record, "prompt", path, line)},
+                        {"role": "assistant", "content": read_text(record, "completion", path, line)}]
     else:
         raise RecordError(f"unrecognized record with keys {sorted(record)[:6]}; expected messages, conversations, "
                           "instruction/output (Alpaca) or prompt/completion", path, line)
@@ -156,11 +159,12 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> I
                 errors.append(RecordError(why, str(path), n))
 
 
-def render_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
+def render_example(tokenizer: Any, ex: Example, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """`ex` as token ids and its assistant-only loss mask, from the tokenizer's chat format (a shipped
-    model's own template); a conversation the template cannot render or mask is an error at its line."""
+    model's own template); a conversation the template cannot render or mask is an error at its line.
+    `add_generation_prompt`: end with the start of an assistant turn (a prompt the model answers)."""
     try:
-        return tokenizer.render_chat(ex.messages)
+        return tokenizer.render_chat(ex.messages, add_generation_prompt)
     except AthanorError as e:
         raise RecordError(f"cannot render this conversation with the tokenizer's chat format: {e}",
                           ex.path, ex.line) from None
