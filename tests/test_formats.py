@@ -71,7 +71,8 @@ def test_check_reports_counts_lengths_and_all_errors(tmp_path, tokenizer):
     assert r["examples"] == 2 and r["formats"] == {"alpaca": 1, "prompt_completion": 1}
     assert r["errors"] == 2 and f"{path}:2:" in r["error_list"][0] and f"{path}:4:" in r["error_list"][1]
     ids, _ = tokenizer.render_chat([{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris"}])
-    assert r["tokens"]["min"] <= len(ids) <= r["tokens"]["max"] and r["loss_tokens"]["min"] >= 2
+    tokens, loss = r["lengths"]["tokens"], r["lengths"]["loss_tokens"]
+    assert tokens["min"] <= len(ids) <= tokens["max"] and loss["min"] >= 2
 
 
 def test_check_goes_on_past_lines_that_do_not_parse(tmp_path):

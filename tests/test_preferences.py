@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli import athanor
 
+from athanor.data.formats import check_file
 from athanor.data.preferences import PreferencePair, encode_pair, load_pairs, to_pair
 from athanor.errors import AthanorError
 
@@ -85,6 +87,9 @@ def test_bad_pairs_name_file_line_and_field(tmp_path: Path, record, where: str) 
     with pytest.raises(AthanorError) as e:
         load_pairs(path)
     assert str(e.value).startswith(f"{path}:2: {where}")
+    report = check_file(path)  # the same line, once, among the counts
+    assert report["kind"] == "preference pairs" and report["examples"] == 1
+    assert report["errors"] == 1 and report["error_list"][0].startswith(f"{path}:2: {where}")
 
 
 def test_parquet_reads_like_jsonl(tmp_path: Path) -> None:
@@ -166,3 +171,21 @@ def test_a_pair_longer_than_the_context_names_the_rule(tokenizer) -> None:
     with pytest.raises(AthanorError, match=f"^data.jsonl:7: field 'chosen': no answer token left to learn from: "
                                            f"the prompt alone is {n_prompt} tokens of max_length={n_prompt}"):
         encode_pair(tokenizer, pair, max_length=n_prompt, truncate=True)
+
+
+def test_cli_data_check_on_preference_files(tmp_path: Path, tokenizer_dir: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", list(FORMS.values()))
+    r = athanor("data", "check", str(good), "--tokenizer", str(tokenizer_dir))
+    assert r.returncode == 0, r.stderr
+    assert "3 preference pairs {'standard': 1, 'conversational': 1, 'conversational_implicit': 1}, 0 errors" in r.stdout
+    assert "chosen_tokens" in r.stdout and "rejected_tokens" in r.stdout
+    bad = write_jsonl(tmp_path / "bad.jsonl", [FORMS["standard"], {"prompt": "q", "chosen": "a", "rejected": "a"},
+                                               {"prompt": "q", "chosen": "long answer " * 50, "rejected": "b"}])
+    r = athanor("data", "check", str(bad), "--tokenizer", str(tokenizer_dir), "--max-length", "64")
+    assert r.returncode == 2
+    errors = [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("error:")]
+    assert errors[0] == f"error: {bad}:2: field 'rejected': chosen and rejected are the same answer: nothing to prefer"
+    assert errors[1].startswith(f"error: {bad}:3: field 'chosen': prompt (") and "max_length=64" in errors[1]
+    assert len(errors) == 2 and r.stderr.strip() == "athanor: error: some records are invalid (see above)"
+    r = athanor("data", "check", str(good), "--max-length", "64")
+    assert r.returncode == 2 and r.stderr.strip().endswith("--max-length counts tokens, so it needs --tokenizer")

@@ -11,16 +11,19 @@ field's usual shapes:
   are lists of messages.
 
 Every problem is reported with file, line (or array index) and field, so a bad record in a
-100k-line file is found at once; `check_file` collects them all without training anything.
+100k-line file is found at once; `check_file` collects them all without training anything (for
+preference pairs too, read by data/preferences.py).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -178,40 +181,47 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20) -> dict[str, Any]:
+def measure_example(ex: Example, tokenizer: Any = None) -> dict[str, int]:
+    """What `check_file` reports of an example: turns and characters; with a tokenizer, tokens of the
+    rendered chat and of its loss-bearing part."""
+    lengths = {"turns": len(ex.messages), "chars": sum(len(m["content"]) for m in ex.messages)}
+    if tokenizer is not None:
+        ids, mask = render_example(tokenizer, ex)
+        lengths.update(tokens=len(ids), loss_tokens=sum(mask))
+    return lengths
+
+
+def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20,
+               max_length: int | None = None) -> dict[str, Any]:
     """Validate every record (not just the first bad one) and summarize, without training.
 
-    With a tokenizer, lengths are tokens of the rendered chat and of its loss-bearing part.
+    The first record tells the kind of file: preference pairs (it has `chosen` or `rejected`; see
+    `athanor.data.preferences`, where `max_length` applies) or instruction examples. Counts are of
+    valid records; lengths are their min/mean/max (tokens too, given a tokenizer).
     """
-    formats: Counter[str] = Counter()
+    from athanor.data import preferences  # built on this module, so imported here
+
     bad: list[RecordError] = []  # in file order: lines that do not parse, records that do not convert
-    turns, chars, total_tokens, loss_tokens = [], [], [], []
-    for line, rec in iter_records(path, errors=bad):
+    records = iter_records(path, errors=bad)
+    first = next(records, None)
+    if first is not None and preferences.is_preference_record(first[1]):
+        kind, convert = "preference pairs", preferences.to_pair
+        measure = partial(preferences.measure_pair, tokenizer=tokenizer, max_length=max_length)
+    else:
+        kind, convert, measure = "examples", to_messages, partial(measure_example, tokenizer=tokenizer)
+    formats: Counter[str] = Counter()
+    lengths: dict[str, list[int]] = defaultdict(list)
+    for line, rec in chain([first] if first is not None else [], records):
         try:
-            ex = to_messages(rec, str(path), line)
+            item = convert(rec, str(path), line)
+            measured = measure(item)
         except RecordError as e:
             bad.append(e)
             continue
-        formats[ex.format] += 1
-        turns.append(len(ex.messages))
-        chars.append(sum(len(m["content"]) for m in ex.messages))
-        if tokenizer is not None:
-            try:
-                ids, mask = render_example(tokenizer, ex)
-            except RecordError as e:
-                bad.append(e)
-                continue
-            total_tokens.append(len(ids))
-            loss_tokens.append(sum(mask))
-    n_errors, errors = len(bad), [str(e) for e in bad[:max_errors]]
-
-    def summary(xs: list[int]) -> dict[str, float]:
-        return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs)} if xs else {}
-
-    report: dict[str, Any] = {"path": str(path), "examples": sum(formats.values()), "formats": dict(formats),
-                              "errors": n_errors, "error_list": errors, "turns": summary(turns),
-                              "chars": summary(chars)}
-    if tokenizer is not None:
-        report["tokens"] = summary(total_tokens)
-        report["loss_tokens"] = summary(loss_tokens)
-    return report
+        formats[item.format] += 1
+        for name, n in measured.items():
+            lengths[name].append(n)
+    return {"path": str(path), "kind": kind, "examples": sum(formats.values()), "formats": dict(formats),
+            "errors": len(bad), "error_list": [str(e) for e in bad[:max_errors]],
+            "lengths": {name: {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs)}
+                        for name, xs in lengths.items()}}

@@ -192,3 +192,16 @@ def _answer_tokens(tokenizer: Any, pair: PreferencePair, key: str, prompt_ids: l
         raise RecordError("the chat format marks none of the answer's tokens as the assistant's", pair.path,
                           pair.line, key)
     return ids, mask
+
+
+def measure_pair(pair: PreferencePair, tokenizer: Any = None, max_length: int | None = None) -> dict[str, int]:
+    """What `formats.check_file` reports of a pair: prompt turns and characters of each part; with a
+    tokenizer, tokens of each part (the pair must then fit `max_length`)."""
+    lengths = {"prompt_turns": len(pair.prompt)}
+    for name, messages in (("prompt", pair.prompt), ("chosen", pair.chosen), ("rejected", pair.rejected)):
+        lengths[f"{name}_chars"] = sum(len(m["content"]) for m in messages)
+    if tokenizer is not None:
+        enc = encode_pair(tokenizer, pair, max_length)
+        lengths.update(prompt_tokens=len(enc.prompt_ids), chosen_tokens=len(enc.chosen_ids),
+                       rejected_tokens=len(enc.rejected_ids))
+    return lengths
