@@ -95,11 +95,11 @@ def test_bad_pairs_name_file_line_and_field(tmp_path: Path, record, where: str) 
 def test_parquet_reads_like_jsonl(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    records = [{**FORMS["conversational"], "margin": 1.5}, {**FORMS["conversational"], "margin": None}]
-    pq.write_table(pa.Table.from_pylist(records), tmp_path / "p.parquet")
+    records = [{**FORMS["conversational"], "margin": 1.5}, {**FORMS["conversational_implicit"], "margin": None}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "p.parquet")  # the second row's prompt is null
     pairs = load_pairs(tmp_path / "p.parquet")
     assert [parts(p) for p in pairs] == [([USER], [PARIS], [LYON], 1.5), ([USER], [PARIS], [LYON], None)]
-    assert [p.line for p in pairs] == [1, 2]
+    assert [(p.line, p.format) for p in pairs] == [(1, "conversational"), (2, "conversational_implicit")]
     bad = [records[0], {**FORMS["conversational"], "rejected": [PARIS], "margin": 0.0}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     with pytest.raises(AthanorError, match=f"^{tmp_path}/bad.parquet:2: field 'rejected': chosen and rejected"):

@@ -65,7 +65,7 @@ def to_pair(record: Any, path: str, line: int) -> PreferencePair:
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}", path, line)
     conversational = isinstance(record.get("chosen"), list)
     offset = 0  # index in the record's own lists of the answers' first turn, for error fields
-    if "prompt" in record:
+    if record.get("prompt") is not None:  # a null prompt cell of a parquet file is no prompt
         if conversational:
             fmt = "conversational"
             prompt, chosen, rejected = (read_turns(record.get(key), key, "role", "content", CHAT_ROLES, path, line)
