@@ -71,7 +71,8 @@ def test_check_reports_counts_lengths_and_all_errors(tmp_path, tokenizer):
     assert r["examples"] == 2 and r["formats"] == {"alpaca": 1, "prompt_completion": 1}
     assert r["errors"] == 2 and f"{path}:2:" in r["error_list"][0] and f"{path}:4:" in r["error_list"][1]
     ids, _ = tokenizer.render_chat([{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris"}])
-    assert r["tokens"]["min"] <= len(ids) <= r["tokens"]["max"] and r["loss_tokens"]["min"] >= 2
+    tokens, loss = r["lengths"]["tokens"], r["lengths"]["loss_tokens"]
+    assert tokens["min"] <= len(ids) <= tokens["max"] and loss["min"] >= 2
 
 
 def test_check_goes_on_past_lines_that_do_not_parse(tmp_path):
@@ -84,6 +85,21 @@ def test_check_goes_on_past_lines_that_do_not_parse(tmp_path):
     assert "not valid JSON" in r["error_list"][0] and "not UTF-8" in r["error_list"][1]
     with pytest.raises(AthanorError, match=f"{path}:2: not valid JSON"):
         load_examples(path)
+
+
+def test_parquet_rows_are_records(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"instruction": "Add.", "input": "2 3", "output": "5"},
+            {"instruction": "Say hi", "input": None, "output": "hi"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    exs = load_examples(tmp_path / "d.parquet")
+    assert [e.line for e in exs] == [1, 2]  # a null cell is a field that is not there
+    assert exs[1].messages == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    pq.write_table(pa.Table.from_pylist([*rows, {"instruction": "x", "input": None, "output": None}]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(AthanorError, match=f"^{tmp_path}/bad.parquet:3: field 'output': missing"):
+        load_examples(tmp_path / "bad.parquet")
 
 
 def test_cli_data_check(tmp_path, tokenizer_dir, capsys):

@@ -198,14 +198,15 @@ def cmd_data_check(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.data.formats import check_file
     from athanor.tokenizer import Tokenizer
 
+    if args.max_length is not None and not args.tokenizer:
+        raise AthanorError("--max-length counts tokens, so it needs --tokenizer")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     failed = False
     for path in args.files:
-        r = check_file(path, tok)
-        print(f"{r['path']}: {r['examples']} examples {r['formats']}, {r['errors']} errors")
-        for key in ("turns", "chars", "tokens", "loss_tokens"):
-            if r.get(key):
-                print(f"  {key:12s} min {r[key]['min']}  mean {r[key]['mean']}  max {r[key]['max']}")
+        r = check_file(path, tok, max_length=args.max_length)
+        print(f"{r['path']}: {r['examples']} {r['kind']} {r['formats']}, {r['errors']} errors")
+        for key, stat in r["lengths"].items():
+            print(f"  {key:16s} min {stat['min']}  mean {stat['mean']}  max {stat['max']}")
         for err in r["error_list"]:
             print(f"  error: {err}")
         if r["errors"] > len(r["error_list"]):
@@ -427,20 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "same bytes, ~2x faster on big models, but each type first compiles (seconds; ~20 s on "
                         "a fresh machine; needs a C++ compiler)")
     p.set_defaults(func=cmd_quantize)
-    data = sub.add_parser("data", help="inspect instruction data files", description="Instruction data commands: "
-                                                                                     "`athanor data check FILE` "
-                                                                                     "validates a JSONL file of "
-                                                                                     "chat examples before you "
-                                                                                     "fine-tune on it.")
+    data = sub.add_parser("data", help="inspect instruction and preference data files",
+                          description="Data commands: `athanor data check FILE` validates a file of chat examples "
+                                      "or preference pairs before you train on it.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = data_sub.add_parser("check", help="validate instruction data and report counts, lengths and errors",
-                            description="Read instruction data (JSONL or a JSON array; Alpaca instruction/input/"
-                                        "output, chat `messages`, ShareGPT `conversations`, or prompt/completion), "
-                                        "normalize every record to a conversation and report how many there are "
-                                        "of each format, their lengths and every error with file, line and field. "
-                                        "Trains nothing. Exits with status 2 if any record is invalid.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="data files (.jsonl or .json)")
+    p = data_sub.add_parser("check", help="validate instruction or preference data; report counts, lengths, errors",
+                            description="Read instruction data (Alpaca instruction/input/output, chat `messages`, "
+                                        "ShareGPT `conversations`, or prompt/completion) or preference pairs (TRL's "
+                                        "prompt/chosen/rejected as text or messages, or chosen/rejected with an "
+                                        "implicit prompt; optional margin or score_chosen/score_rejected) from "
+                                        "JSONL, a JSON array or parquet; the first record tells which. Report how "
+                                        "many records there are of each format, their lengths and every error with "
+                                        "file, line and field. Trains nothing. Exits with status 2 if any record "
+                                        "is invalid.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="data files (.jsonl, .json or .parquet)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer (or run dir) to count tokens with")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="context length in tokens: a preference pair whose prompt + answer is longer is an error "
+                        "(instruction examples are not checked: SFT cuts them to its context); needs --tokenizer")
     p.set_defaults(func=cmd_data_check)
 
     synth = sub.add_parser("synth", help="make instruction data: verifiable tasks, or a teacher's answers",

@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from athanor.errors import AthanorError
 
@@ -101,15 +102,20 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
             yield Document(f"{path}:{lineno}", text)
 
 
-def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
+def open_parquet(path: Path) -> Any:
+    """A `pyarrow.parquet.ParquetFile`; a missing pyarrow or an unreadable file is one error line."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise AthanorError("reading parquet needs pyarrow: pip install 'athanor[parquet]'", path=path) from None
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise AthanorError(f"not a readable parquet file: {e}", path=path) from None
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[Document]:
+    pf = open_parquet(path)
     names = pf.schema_arrow.names
     if text_field not in names:
         raise AthanorError(f"no such column (columns: {', '.join(names)})", path=path, field=text_field)

@@ -1,6 +1,7 @@
 """Instruction data as people already have it, normalized to chat `messages`.
 
-One record per JSONL line (or the items of a JSON array), in any of the field's usual shapes:
+One record per JSONL line (or the items of a JSON array, or the rows of a parquet file), in any of the
+field's usual shapes:
 
 - Alpaca: `{"instruction", "input" (optional), "output", "system" (optional)}`
   -> user = instruction, then a blank line and the input when there is one; assistant = output.
@@ -10,23 +11,28 @@ One record per JSONL line (or the items of a JSON array), in any of the field's 
   are lists of messages.
 
 Every problem is reported with file, line (or array index) and field, so a bad record in a
-100k-line file is found at once; `check_file` collects them all without training anything.
+100k-line file is found at once; `check_file` collects them all without training anything (for
+preference pairs too, read by data/preferences.py).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from athanor.data.corpus import open_parquet
 from athanor.errors import AthanorError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ROLES = ("system", "user", "assistant")
+CHAT_ROLES = {r: r for r in ROLES}  # OpenAI-style messages name the roles as athanor does
 
 
 @dataclass
@@ -45,7 +51,8 @@ class RecordError(AthanorError):
         self.record_path, self.record_line, self.record_field = path, line, field
 
 
-def _text(record: dict, key: str, path: str, line: int, required: bool = True) -> str:
+def read_text(record: dict, key: str, path: str, line: int, required: bool = True) -> str:
+    """`record[key]` as text; missing (unless not `required`: then "") or not text is an error at `key`."""
     value = record.get(key)
     if value is None and not required:
         return ""
@@ -55,8 +62,9 @@ def _text(record: dict, key: str, path: str, line: int, required: bool = True) -
     return value
 
 
-def _turns(items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str],
-           path: str, line: int) -> list[dict[str, str]]:
+def read_turns(items: Any, key: str, role_key: str, text_key: str, role_map: dict[str, str],
+               path: str, line: int) -> list[dict[str, str]]:
+    """`items` as {"role", "content"} messages; an item that is not a known turn is an error at `key[i]`."""
     if not isinstance(items, list) or not items:
         raise RecordError("must be a non-empty list of turns", path, line, key)
     out = []
@@ -79,28 +87,28 @@ def to_messages(record: Any, path: str, line: int) -> Example:
     """Normalize one record; raises `RecordError` naming the field at fault."""
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}", path, line)
-    identity = {r: r for r in ROLES}
     if "messages" in record:
-        fmt, messages = "messages", _turns(record["messages"], "messages", "role", "content", identity, path, line)
+        fmt = "messages"
+        messages = read_turns(record["messages"], "messages", "role", "content", CHAT_ROLES, path, line)
     elif "conversations" in record:
-        fmt, messages = "sharegpt", _turns(record["conversations"], "conversations", "from", "value",
-                                           SHAREGPT_ROLES, path, line)
+        fmt, messages = "sharegpt", read_turns(record["conversations"], "conversations", "from", "value",
+                                               SHAREGPT_ROLES, path, line)
     elif "instruction" in record or "output" in record:
         fmt = "alpaca"
-        instruction, extra = _text(record, "instruction", path, line), _text(record, "input", path, line, False)
-        system = _text(record, "system", path, line, False)
+        instruction, extra = read_text(record, "instruction", path, line), read_text(record, "input", path, line, False)
+        system = read_text(record, "system", path, line, False)
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")},
-            {"role": "assistant", "content": _text(record, "output", path, line)}]
+            {"role": "assistant", "content": read_text(record, "output", path, line)}]
     elif "prompt" in record or "completion" in record:
         fmt = "prompt_completion"
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational form
-            messages = (_turns(prompt, "prompt", "role", "content", identity, path, line)
-                        + _turns(completion, "completion", "role", "content", identity, path, line))
+            messages = (read_turns(prompt, "prompt", "role", "content", CHAT_ROLES, path, line)
+                        + read_turns(completion, "completion", "role", "content", CHAT_ROLES, path, line))
         else:
-            messages = [{"role": "user", "content": _text(record, "prompt", path, line)},
-                        {"role": "assistant", "content": _text(record, "completion", path, line)}]
+            messages = [{"role": "user", "content": read_text(record, "prompt", path, line)},
+                        {"role": "assistant", "content": read_text(record, "completion", path, line)}]
     else:
         raise RecordError(f"unrecognized record with keys {sorted(record)[:6]}; expected messages, conversations, "
                           "instruction/output (Alpaca) or prompt/completion", path, line)
@@ -113,7 +121,8 @@ def to_messages(record: Any, path: str, line: int) -> Example:
 
 
 def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> Iterator[tuple[int, Any]]:
-    """(line, parsed record) for JSONL, or (1-based index, item) for a JSON array file.
+    """(line, parsed record) for JSONL, (1-based index, item) for a JSON array file, or (1-based row,
+    {column: value}) for parquet (a null cell reads as None, so as a field that is not there).
 
     A JSONL line that is not UTF-8 or not JSON raises a `RecordError` naming it; given an
     `errors` list, it is appended there instead and the scan goes on with the next line.
@@ -121,6 +130,10 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> I
     path = Path(path)
     if not path.is_file():
         raise AthanorError("data file not found", path=path)
+    if path.suffix.lower() == ".parquet":
+        rows = (row for batch in open_parquet(path).iter_batches() for row in batch.to_pylist())
+        yield from enumerate(rows, 1)
+        return
     with path.open("rb") as f:
         head = f.read(4096).lstrip()
     if path.suffix == ".json" or head.startswith(b"["):
@@ -149,11 +162,12 @@ def iter_records(path: str | Path, errors: list[RecordError] | None = None) -> I
                 errors.append(RecordError(why, str(path), n))
 
 
-def render_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
+def render_example(tokenizer: Any, ex: Example, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """`ex` as token ids and its assistant-only loss mask, from the tokenizer's chat format (a shipped
-    model's own template); a conversation the template cannot render or mask is an error at its line."""
+    model's own template); a conversation the template cannot render or mask is an error at its line.
+    `add_generation_prompt`: end with the start of an assistant turn (a prompt the model answers)."""
     try:
-        return tokenizer.render_chat(ex.messages)
+        return tokenizer.render_chat(ex.messages, add_generation_prompt)
     except AthanorError as e:
         raise RecordError(f"cannot render this conversation with the tokenizer's chat format: {e}",
                           ex.path, ex.line) from None
@@ -167,40 +181,47 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20) -> dict[str, Any]:
+def measure_example(ex: Example, tokenizer: Any = None) -> dict[str, int]:
+    """What `check_file` reports of an example: turns and characters; with a tokenizer, tokens of the
+    rendered chat and of its loss-bearing part."""
+    lengths = {"turns": len(ex.messages), "chars": sum(len(m["content"]) for m in ex.messages)}
+    if tokenizer is not None:
+        ids, mask = render_example(tokenizer, ex)
+        lengths.update(tokens=len(ids), loss_tokens=sum(mask))
+    return lengths
+
+
+def check_file(path: str | Path, tokenizer: Any = None, max_errors: int = 20,
+               max_length: int | None = None) -> dict[str, Any]:
     """Validate every record (not just the first bad one) and summarize, without training.
 
-    With a tokenizer, lengths are tokens of the rendered chat and of its loss-bearing part.
+    The first record tells the kind of file: preference pairs (it has `chosen` or `rejected`; see
+    `athanor.data.preferences`, where `max_length` applies) or instruction examples. Counts are of
+    valid records; lengths are their min/mean/max (tokens too, given a tokenizer).
     """
-    formats: Counter[str] = Counter()
+    from athanor.data import preferences  # built on this module, so imported here
+
     bad: list[RecordError] = []  # in file order: lines that do not parse, records that do not convert
-    turns, chars, total_tokens, loss_tokens = [], [], [], []
-    for line, rec in iter_records(path, errors=bad):
+    records = iter_records(path, errors=bad)
+    first = next(records, None)
+    if first is not None and preferences.is_preference_record(first[1]):
+        kind, convert = "preference pairs", preferences.to_pair
+        measure = partial(preferences.measure_pair, tokenizer=tokenizer, max_length=max_length)
+    else:
+        kind, convert, measure = "examples", to_messages, partial(measure_example, tokenizer=tokenizer)
+    formats: Counter[str] = Counter()
+    lengths: dict[str, list[int]] = defaultdict(list)
+    for line, rec in chain([first] if first is not None else [], records):
         try:
-            ex = to_messages(rec, str(path), line)
+            item = convert(rec, str(path), line)
+            measured = measure(item)
         except RecordError as e:
             bad.append(e)
             continue
-        formats[ex.format] += 1
-        turns.append(len(ex.messages))
-        chars.append(sum(len(m["content"]) for m in ex.messages))
-        if tokenizer is not None:
-            try:
-                ids, mask = render_example(tokenizer, ex)
-            except RecordError as e:
-                bad.append(e)
-                continue
-            total_tokens.append(len(ids))
-            loss_tokens.append(sum(mask))
-    n_errors, errors = len(bad), [str(e) for e in bad[:max_errors]]
-
-    def summary(xs: list[int]) -> dict[str, float]:
-        return {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs)} if xs else {}
-
-    report: dict[str, Any] = {"path": str(path), "examples": sum(formats.values()), "formats": dict(formats),
-                              "errors": n_errors, "error_list": errors, "turns": summary(turns),
-                              "chars": summary(chars)}
-    if tokenizer is not None:
-        report["tokens"] = summary(total_tokens)
-        report["loss_tokens"] = summary(loss_tokens)
-    return report
+        formats[item.format] += 1
+        for name, n in measured.items():
+            lengths[name].append(n)
+    return {"path": str(path), "kind": kind, "examples": sum(formats.values()), "formats": dict(formats),
+            "errors": len(bad), "error_list": [str(e) for e in bad[:max_errors]],
+            "lengths": {name: {"min": min(xs), "mean": round(statistics.fmean(xs), 1), "max": max(xs)}
+                        for name, xs in lengths.items()}}
