@@ -259,6 +259,23 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"done: {loss}{result['tokens_seen']:,} tokens -> {recipe.out_dir}")
 
 
+def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.train.dpo import DPORecipe, dpo
+
+    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
+    extra += [f"--base={args.base}"] if args.base else []
+    extra += [f"--loss.loss_type={args.loss}"] if args.loss else []
+    extra += ["--lora.enabled=true"] if args.lora else []
+    recipe = load_recipe(DPORecipe, args.recipe, extra + overrides)
+    if args.out:
+        recipe.out_dir = args.out
+    result = dpo(recipe, show_progress=not args.quiet)
+    held = (f"held-out pairs: loss {result['val_loss']:.4f}, reward accuracy {result['val_rewards/accuracies']:.0%}, "
+            f"margin {result['val_rewards/margins']:+.3f}; " if "val_loss" in result else "")
+    print(f"done ({result['loss_type']}, {result['train_pairs']} pairs): {held}-> {recipe.out_dir}")
+
+
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
@@ -507,6 +524,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="*", metavar="FILE", help="instruction data files (default: synthetic tasks)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("dpo", help="preference tuning: DPO, IPO, hinge, robust DPO or SimPO on chosen/rejected pairs",
+                       description="Tune a model (--base RUN_DIR, usually an SFT model) on preference pairs (--data "
+                                   "FILE ...: TRL's prompt/chosen/rejected, as text or messages, or chosen/rejected "
+                                   "conversations with an implicit prompt; JSONL, JSON or parquet) so that it prefers "
+                                   "the chosen answers. --loss picks the objective: sigmoid (DPO), ipo, hinge (SLiC), "
+                                   "robust (robust DPO, with --loss.label_smoothing), simpo (no reference model). "
+                                   "The reference is the starting model's log-probs of every pair, computed once. "
+                                   "A held-out share of the pairs gives the loss and TRL's reward metrics; writes "
+                                   "a run directory like `athanor sft`. Re-running on the same --out resumes.\n\n"
+                                   + overrides_help("data, loss, lora, train (defaults in athanor/train/dpo.py)",
+                                                    "--loss.beta=0.1 --train.max_steps=200"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the model to tune (athanor run dir or HF checkpoint)")
+    p.add_argument("--data", nargs="*", metavar="FILE", help="preference pair files")
+    p.add_argument("--loss", metavar="TYPE", help="the preference objective (default sigmoid: DPO; see above)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
+    p.set_defaults(func=cmd_dpo)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
                                                                          "merge` folds a trained low-rank adapter "
