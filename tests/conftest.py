@@ -42,6 +42,21 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def tiny_base(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A randomly initialized tiny model saved as a run directory with the test tokenizer: a base to fine-tune."""
+    import torch
+
+    from athanor.model.hf import save_pretrained
+    from athanor.model.llama import LlamaModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save_pretrained(LlamaModel(tiny_model_config()), base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return base
+
+
 def tiny_recipe(out_dir: Path, tokenizer_dir: Path, **train_kw) -> PretrainRecipe:
     train = dict(max_steps=20, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=0,
                  eval_tokens=2048, ckpt_every=10, log_every=5)

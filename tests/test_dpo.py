@@ -11,26 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import tiny_base, tiny_model_config
 
 from athanor.data.preferences import encode_pair, load_pairs
 from athanor.errors import AthanorError
-from athanor.model.hf import load_pretrained, save_pretrained
+from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.tokenizer import Tokenizer
 from athanor.train.dpo import DPORecipe, PreferenceDataConfig, PreferenceStage, collate, dpo, reference_logps
 from athanor.train.finetune import LoraSettings
 from athanor.train.loop import TrainConfig
 from athanor.train.preference_loss import PreferenceLossConfig, sequence_logps
-
-
-def _base(tmp_path: Path, tokenizer_dir: Path) -> Path:
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    save_pretrained(LlamaModel(tiny_model_config()), base)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (base / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return base
 
 
 def _pairs_file(path: Path, n: int, start: int = 0) -> Path:
@@ -80,7 +71,7 @@ def test_reference_makes_the_first_step_the_untrained_loss(tmp_path: Path, token
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
 def test_dpo_run_learns_the_preference_on_held_out_pairs(tmp_path: Path, tokenizer_dir: Path, loss_type: str) -> None:
-    base = _base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
     recipe = DPORecipe(out_dir=str(tmp_path / "dpo"), base=str(base),
                        data=PreferenceDataConfig(paths=[str(_pairs_file(tmp_path / "train.jsonl", 24))],
                                                  heldout=str(_pairs_file(tmp_path / "held.jsonl", 6, start=100))),
@@ -103,7 +94,7 @@ def test_dpo_run_learns_the_preference_on_held_out_pairs(tmp_path: Path, tokeniz
 
 
 def test_dpo_with_lora_saves_the_adapter_and_the_merged_model(tmp_path: Path, tokenizer_dir: Path) -> None:
-    base = _base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
     recipe = DPORecipe(out_dir=str(tmp_path / "dpo"), base=str(base),
                        data=PreferenceDataConfig(paths=[str(_pairs_file(tmp_path / "train.jsonl", 40))],
                                                  heldout_fraction=0.2),
@@ -117,7 +108,7 @@ def test_dpo_with_lora_saves_the_adapter_and_the_merged_model(tmp_path: Path, to
 
 
 def test_dpo_refuses_bad_data_and_settings_before_training(tmp_path: Path, tokenizer_dir: Path) -> None:
-    base = _base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")
     recipe = DPORecipe(out_dir=str(tmp_path / "dpo"), base=str(base), data=PreferenceDataConfig(paths=[str(bad)]),
@@ -132,7 +123,7 @@ def test_dpo_refuses_bad_data_and_settings_before_training(tmp_path: Path, token
 
 
 def test_dpo_command_line(tmp_path: Path, tokenizer_dir: Path) -> None:
-    base = _base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
     pairs = _pairs_file(tmp_path / "train.jsonl", 20)
     run = subprocess.run([sys.executable, "-m", "athanor", "dpo", "--base", str(base), "--data", str(pairs),
                           "--loss", "ipo", "--out", str(tmp_path / "dpo"), "--quiet", "--train.max_steps=2",

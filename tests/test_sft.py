@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import tiny_base, tiny_model_config
 
 from athanor.data.formats import Example
 from athanor.data.synth import Task
 from athanor.errors import AthanorError
-from athanor.model.hf import save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.train import dist
 from athanor.train.behavior import evaluate_behavior
@@ -28,15 +27,6 @@ CONVERSATIONS = [
 
 def examples(convs=CONVERSATIONS) -> list[Example]:
     return [Example(c, "messages", "mem.jsonl", i + 1) for i, c in enumerate(convs)]
-
-
-def _tiny_base(tmp_path, tokenizer_dir):
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    save_pretrained(LlamaModel(tiny_model_config()), base)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (base / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return base
 
 
 
@@ -97,7 +87,7 @@ def test_behavior_counts_answers_and_passes(tokenizer):
 
 @pytest.mark.slow
 def test_sft_shifts_behavior_from_continuing_to_answering(tokenizer, tokenizer_dir, tmp_path):
-    base = _tiny_base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
     recipe = SFTRecipe(out_dir=str(tmp_path / "sft"), base=str(base),
                        data=SFTDataConfig(synth_train=400, synth_heldout=30, synth_kinds=["arithmetic", "list"]),
                        train=TrainConfig(max_steps=80, batch_size=8, seq_len=112, lr=3e-3, warmup_steps=5,
@@ -115,7 +105,7 @@ def test_sft_lora_saves_a_peft_adapter_that_merges_to_the_saved_model(tokenizer_
     from athanor.model.lora import load_adapter, merge_lora
     from athanor.train.sft import LoraSettings
 
-    base = _tiny_base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
     recipe = SFTRecipe(out_dir=str(tmp_path / "sft"), base=str(base), lora=LoraSettings(enabled=True, r=4, alpha=8),
                        data=SFTDataConfig(synth_train=60, synth_heldout=6, synth_kinds=["arithmetic"]),
                        train=TrainConfig(max_steps=4, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=1,
@@ -155,7 +145,7 @@ def test_sft_under_torchrun_follows_one_process(parallel, tmp_path, tokenizer_di
     import subprocess
     import sys
 
-    base = _tiny_base(tmp_path, tokenizer_dir)
+    base = tiny_base(tmp_path, tokenizer_dir)
 
     def run(out, nproc):
         args = ["-m", "athanor", "sft", "--quiet", "--base", str(base), "--out", str(out),
