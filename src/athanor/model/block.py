@@ -33,7 +33,13 @@ if TYPE_CHECKING:
 
 
 class LayerParts(Protocol):
-    """One decoder layer's weights as the math uses them: norm weights, and projections as calls."""
+    """One decoder layer's weights as the math uses them: norm weights, and projections as calls.
+    Paths run a layer as `layer(x, config, kernels, cos, sin, attend)`, which is `decoder_layer` on
+    itself: for the model's `nn.Module` layers that is a module call, so hooks on the layer run (FSDP2
+    gathers its sharded weights there)."""
+
+    def __call__(self, x: torch.Tensor, config: ModelConfig, kernels: Kernels, cos: torch.Tensor,
+                 sin: torch.Tensor, attend: Attend) -> torch.Tensor: ...
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -116,5 +122,5 @@ def sdpa_layers(x: torch.Tensor, layers: Sequence[LayerParts], config: ModelConf
         return y.transpose(1, 2).reshape(B, T, -1)
 
     for i, layer in enumerate(layers):
-        x = decoder_layer(x, layer, config, kernels, cos, sin, functools.partial(attend, i))
+        x = layer(x, config, kernels, cos, sin, functools.partial(attend, i))
     return x

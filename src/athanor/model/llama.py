@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from athanor.model.block import Kernels, sdpa_layers
+from athanor.model.block import Attend, Kernels, decoder_layer, sdpa_layers
 from athanor.model.fused import apply_rope, rms_norm, rotary_qkv, rotate_half, swiglu  # noqa: F401 (re-exported)
 from athanor.model.linear_ce import linear_cross_entropy
 
@@ -288,6 +288,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, config: ModelConfig, kernels: Kernels, cos: torch.Tensor, sin: torch.Tensor,
+                attend: Attend) -> torch.Tensor:
+        return decoder_layer(x, self, config, kernels, cos, sin, attend)
 
     @property
     def input_norm(self) -> torch.Tensor:

@@ -55,8 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from athanor.model.block import Kernels, decoder_layer, sdpa_layers
-from athanor.model.llama import DecoderLayer, KVCache, LlamaModel, RMSNorm, stacked_weights, weights_version
+from athanor.model.block import Attend, Kernels, decoder_layer, sdpa_layers
+from athanor.model.llama import (
+    DecoderLayer,
+    KVCache,
+    LlamaModel,
+    ModelConfig,
+    RMSNorm,
+    stacked_weights,
+    weights_version,
+)
 
 # The compiled step serves decoding and speculative verification: a few new tokens. Its attention
 # (multiply-and-sum loops, see _decode_step) is not meant for long chunks; those run eagerly.
@@ -272,7 +280,7 @@ class FastForward:
 
         x = F.embedding(ids, self.embed)  # (B, T, d)
         for i, layer in enumerate(self.layers):
-            x = decoder_layer(x, layer, self.config, FAST_KERNELS, cos, sin, functools.partial(attend, i))
+            x = layer(x, self.config, FAST_KERNELS, cos, sin, functools.partial(attend, i))
         logits = _linear(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps), self.head)
         return logits, torch.stack(ks), torch.stack(vs)
 
@@ -288,6 +296,10 @@ class _Layer:
         self.w_gate_up, self.w_down = _t(stacked_weights((m.gate_proj, m.up_proj))[0]), _t(m.down_proj.weight)
         self.input_norm, self.post_norm, self.q_norm, self.k_norm = \
             layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm
+
+    def __call__(self, x: torch.Tensor, config: ModelConfig, kernels: Kernels, cos: torch.Tensor,
+                 sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        return decoder_layer(x, self, config, kernels, cos, sin, attend)
 
     def qkv(self, h: torch.Tensor) -> torch.Tensor:
         return _linear(h, self.w_qkv, self.b_qkv)
