@@ -57,6 +57,20 @@ def tiny_base(tmp_path: Path, tokenizer_dir: Path) -> Path:
     return base
 
 
+def toy_pairs_file(path: Path, n: int, start: int = 0, margin: float | None = None) -> Path:
+    """Preference pairs on questions about different numbers; the chosen answer is always a word list, the
+    rejected one symbols: a preference a tiny model can pick up and carry to held-out questions. `margin`:
+    each pair's margin field (TRL's column), absent when None."""
+    import json
+
+    rows = [{"prompt": [{"role": "user", "content": f"Describe the number {i}."}],
+             "chosen": [{"role": "assistant", "content": "it is a fine number"}],
+             "rejected": [{"role": "assistant", "content": "#### ???? !!!!"}],
+             **({} if margin is None else {"margin": margin})} for i in range(start, start + n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def tiny_recipe(out_dir: Path, tokenizer_dir: Path, **train_kw) -> PretrainRecipe:
     train = dict(max_steps=20, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=0,
                  eval_tokens=2048, ckpt_every=10, log_every=5)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base, tiny_model_config
+from conftest import tiny_base, tiny_model_config, toy_pairs_file
 
 from athanor.data.preferences import encode_pair, load_pairs
 from athanor.errors import AthanorError
@@ -24,16 +24,6 @@ from athanor.train.loop import TrainConfig
 from athanor.train.preference_loss import PreferenceLossConfig, sequence_logps
 
 
-def _pairs_file(path: Path, n: int, start: int = 0) -> Path:
-    """Questions about different numbers; the chosen answer is always a word list, the rejected one
-    symbols: a preference a tiny model can pick up and carry to held-out questions."""
-    rows = [{"prompt": [{"role": "user", "content": f"Describe the number {i}."}],
-             "chosen": [{"role": "assistant", "content": "it is a fine number"}],
-             "rejected": [{"role": "assistant", "content": "#### ???? !!!!"}]} for i in range(start, start + n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _train(max_steps: int, **kw) -> TrainConfig:
     return TrainConfig(max_steps=max_steps, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=2, eval_every=0,
                        eval_tokens=0, ckpt_every=0, log_every=1, weight_decay=0.0, **kw)
@@ -42,8 +32,8 @@ def _train(max_steps: int, **kw) -> TrainConfig:
 def test_collated_rows_score_each_answer_as_the_pair_alone(tmp_path: Path, tokenizer_dir: Path) -> None:
     """Padding a pair into a batch changes nothing: its answers' log-probs equal those of the pair alone."""
     tok = Tokenizer.load(tokenizer_dir)
-    pairs = [encode_pair(tok, p) for p in load_pairs(_pairs_file(tmp_path / "p.jsonl", 3))]
-    pairs[1] = encode_pair(tok, load_pairs(_pairs_file(tmp_path / "q.jsonl", 1, start=123456789))[0])  # longer
+    pairs = [encode_pair(tok, p) for p in load_pairs(toy_pairs_file(tmp_path / "p.jsonl", 3))]
+    pairs[1] = encode_pair(tok, load_pairs(toy_pairs_file(tmp_path / "q.jsonl", 1, start=123456789))[0])  # longer
     torch.manual_seed(0)
     model = LlamaModel(tiny_model_config()).double()
     batch = collate(pairs, tok.pad_id)
@@ -57,7 +47,7 @@ def test_collated_rows_score_each_answer_as_the_pair_alone(tmp_path: Path, token
 def test_reference_makes_the_first_step_the_untrained_loss(tmp_path: Path, tokenizer_dir: Path) -> None:
     """With the policy still equal to the reference, DPO's loss is log 2 and every reward is 0."""
     tok = Tokenizer.load(tokenizer_dir)
-    pairs = [encode_pair(tok, p) for p in load_pairs(_pairs_file(tmp_path / "p.jsonl", 5))]
+    pairs = [encode_pair(tok, p) for p in load_pairs(toy_pairs_file(tmp_path / "p.jsonl", 5))]
     torch.manual_seed(0)
     model = LlamaModel(tiny_model_config())
     ref = reference_logps(model, pairs, tok.pad_id, batch_size=2)
@@ -73,8 +63,8 @@ def test_reference_makes_the_first_step_the_untrained_loss(tmp_path: Path, token
 def test_dpo_run_learns_the_preference_on_held_out_pairs(tmp_path: Path, tokenizer_dir: Path, loss_type: str) -> None:
     base = tiny_base(tmp_path, tokenizer_dir)
     recipe = DPORecipe(out_dir=str(tmp_path / "dpo"), base=str(base),
-                       data=PreferenceDataConfig(paths=[str(_pairs_file(tmp_path / "train.jsonl", 24))],
-                                                 heldout=str(_pairs_file(tmp_path / "held.jsonl", 6, start=100))),
+                       data=PreferenceDataConfig(paths=[str(toy_pairs_file(tmp_path / "train.jsonl", 24))],
+                                                 heldout=str(toy_pairs_file(tmp_path / "held.jsonl", 6, start=100))),
                        loss=PreferenceLossConfig(loss_type=loss_type), train=_train(25))
     result = dpo(recipe, show_progress=False)
     assert result["heldout_pairs"] == 6 and result["val_rewards/accuracies"] == 1.0
@@ -96,7 +86,7 @@ def test_dpo_run_learns_the_preference_on_held_out_pairs(tmp_path: Path, tokeniz
 def test_dpo_with_lora_saves_the_adapter_and_the_merged_model(tmp_path: Path, tokenizer_dir: Path) -> None:
     base = tiny_base(tmp_path, tokenizer_dir)
     recipe = DPORecipe(out_dir=str(tmp_path / "dpo"), base=str(base),
-                       data=PreferenceDataConfig(paths=[str(_pairs_file(tmp_path / "train.jsonl", 40))],
+                       data=PreferenceDataConfig(paths=[str(toy_pairs_file(tmp_path / "train.jsonl", 40))],
                                                  heldout_fraction=0.2),
                        lora=LoraSettings(enabled=True, r=4, alpha=8), train=_train(4))
     result = dpo(recipe, show_progress=False)
@@ -124,7 +114,7 @@ def test_dpo_refuses_bad_data_and_settings_before_training(tmp_path: Path, token
 
 def test_dpo_command_line(tmp_path: Path, tokenizer_dir: Path) -> None:
     base = tiny_base(tmp_path, tokenizer_dir)
-    pairs = _pairs_file(tmp_path / "train.jsonl", 20)
+    pairs = toy_pairs_file(tmp_path / "train.jsonl", 20)
     run = subprocess.run([sys.executable, "-m", "athanor", "dpo", "--base", str(base), "--data", str(pairs),
                           "--loss", "ipo", "--out", str(tmp_path / "dpo"), "--quiet", "--train.max_steps=2",
                           "--train.batch_size=4", "--train.seq_len=64", "--data.heldout_fraction=0.25"],

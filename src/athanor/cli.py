@@ -276,6 +276,23 @@ def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"done ({result['loss_type']}, {result['train_pairs']} pairs): {held}-> {recipe.out_dir}")
 
 
+def cmd_rm(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.train.rm import RMRecipe, rm
+
+    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
+    extra += [f"--base={args.base}"] if args.base else []
+    extra += ["--lora.enabled=true"] if args.lora else []
+    recipe = load_recipe(RMRecipe, args.recipe, extra + overrides)
+    if args.out:
+        recipe.out_dir = args.out
+    result = rm(recipe, show_progress=not args.quiet)
+    held = (f"held-out pairs: loss {result['val_loss']:.4f}, accuracy {result['val_accuracy']:.1%} "
+            f"(95% Wilson interval {result['val_accuracy_ci95_low']:.1%}-{result['val_accuracy_ci95_high']:.1%}, "
+            f"{result['heldout_pairs']} pairs), margin {result['val_margin']:+.3f}; " if "val_loss" in result else "")
+    print(f"done (reward model, {result['train_pairs']} pairs): {held}-> {recipe.out_dir}")
+
+
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
@@ -543,6 +560,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", metavar="TYPE", help="the preference objective (default sigmoid: DPO; see above)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight")
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("rm", help="reward model: a scalar score head trained on chosen/rejected pairs",
+                       description="Train a reward model from a model (--base RUN_DIR, usually an SFT model) on "
+                                   "preference pairs (--data FILE ...: the formats `athanor dpo` reads). The LM head "
+                                   "is replaced by a score head read at each sequence's last non-pad token, trained "
+                                   "with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin) (the "
+                                   "margin from the data when it gives one), optionally centered "
+                                   "(--loss.center_rewards_coefficient=0.01). A held-out share of the pairs gives "
+                                   "the loss, TRL's metrics and the pair accuracy with its 95% Wilson interval "
+                                   "(eval.json). The run directory loads in transformers as "
+                                   "AutoModelForSequenceClassification (num_labels=1); with --lora also adapter/ "
+                                   "(the score head saved whole). Re-running on the same --out resumes.\n\n"
+                                   + overrides_help("data, loss, lora, train (defaults in athanor/train/rm.py)",
+                                                    "--loss.center_rewards_coefficient=0.01 --train.max_steps=200"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the model to start from (athanor run dir or HF checkpoint)")
+    p.add_argument("--data", nargs="*", metavar="FILE", help="preference pair files")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (and the score head) instead of "
+                                                       "every weight")
+    p.set_defaults(func=cmd_rm)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
                                                                          "merge` folds a trained low-rank adapter "

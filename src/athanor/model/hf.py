@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save
@@ -23,8 +23,12 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write, atomic_write_text
 from athanor.model.llama import LlamaModel, ModelConfig, rope_tables
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+M = TypeVar("M", bound=LlamaModel)
+
+# transformers' class names: the family, then the head (`LlamaModel.hf_head`): ForCausalLM for a language
+# model, ForSequenceClassification for a reward model (train/reward_model.py).
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+HEADS = ("ForCausalLM", "ForSequenceClassification")
 
 # Keys read into ModelConfig (or checked by config_from_hf).
 UNDERSTOOD_KEYS = {
@@ -47,9 +51,10 @@ INERT_KEYS = {
 }
 
 
-def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32, head: str = "ForCausalLM"
+                 ) -> dict[str, Any]:
     hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[config.model_type]],
+        "architectures": [FAMILIES[config.model_type] + head],
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -83,6 +88,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dic
                   layer_types=["full_attention"] * config.num_hidden_layers)
     if config.model_type == "qwen3":
         hf.update(attention_bias=config.attention_bias)
+    if head == "ForSequenceClassification":  # one label: a scalar score, as transformers writes num_labels=1
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return hf
 
 
@@ -127,8 +134,8 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 def config_from_hf(hf: dict[str, Any], source: str | Path = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise AthanorError(f"model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})",
+    if model_type not in FAMILIES:
+        raise AthanorError(f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})",
                            path=source, field="model_type")
     _check_math_keys(hf, source)
     theta, scaling = _rope_from_hf(hf)
@@ -169,7 +176,8 @@ def config_from_hf(hf: dict[str, Any], source: str | Path = "config.json") -> Mo
 
 
 def save_pretrained(model: LlamaModel, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
-    """Write `config.json` and `model.safetensors` (tied head left out, as transformers does)."""
+    """Write `config.json` and `model.safetensors` (tied head left out, as transformers does); the
+    config names the model's head (a reward model is a ...ForSequenceClassification)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
@@ -177,7 +185,8 @@ def save_pretrained(model: LlamaModel, out_dir: str | Path, dtype: torch.dtype =
         state.pop("lm_head.weight", None)
     data = save(state, metadata={"format": "pt"})
     atomic_write(out_dir / "model.safetensors", lambda f: f.write(data))
-    atomic_write_text(out_dir / "config.json", json.dumps(config_to_hf(model.config, dtype), indent=2) + "\n")
+    hf = config_to_hf(model.config, dtype, model.hf_head)
+    atomic_write_text(out_dir / "config.json", json.dumps(hf, indent=2) + "\n")
 
 
 # safetensors' dtype names (the header's "dtype" field).
@@ -249,9 +258,11 @@ def _read_tensor(f, file: Path, info: dict[str, Any], data_start: int, dtype: to
 
 
 def load_pretrained(run_dir: str | Path, dtype: torch.dtype | None = torch.float32,
-                    device: str | torch.device = "cpu") -> LlamaModel:
+                    device: str | torch.device = "cpu", model_class: type[M] = LlamaModel) -> M:
     """Load an athanor run directory or a Llama/Mistral/Qwen2/Qwen3 checkpoint saved by transformers (one
-    file or shards with an index). `dtype=None` keeps each weight's dtype as stored (bf16 stays bf16)."""
+    file or shards with an index). `dtype=None` keeps each weight's dtype as stored (bf16 stays bf16).
+    `model_class` is LlamaModel or a subclass with another head (a reward model); the checkpoint's
+    `architectures` must name that head."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -261,10 +272,15 @@ def load_pretrained(run_dir: str | Path, dtype: torch.dtype | None = torch.float
     except json.JSONDecodeError as e:
         raise AthanorError(f"not valid JSON: {e.msg}", path=cfg_path, line=e.lineno) from None
     config = config_from_hf(hf, cfg_path)
+    architecture = (hf.get("architectures") or [""])[0]
+    if architecture.endswith(HEADS) and not architecture.endswith(model_class.hf_head):
+        raise AthanorError(f"the checkpoint is a {architecture}; this needs a model with the "
+                           f"{model_class.hf_head.removeprefix('For')} head", path=cfg_path, field="architectures")
     with torch.device("meta"):
-        model = LlamaModel(config)
+        model = model_class(config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings and hasattr(model, "lm_head")
+    if tied:
         shapes.pop("lm_head.weight")
     # Names and shapes are checked from the headers before any weight is read; then each tensor is
     # read, cast and kept alone, so memory peaks at the model in `dtype` plus one tensor.
@@ -273,7 +289,7 @@ def load_pretrained(run_dir: str | Path, dtype: torch.dtype | None = torch.float
         header, data_start = _safetensors_header(file)
         for raw_name, info in header.items():
             name = raw_name.removeprefix("module.")
-            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
                 continue
             where[name] = (file, info, data_start)
     missing, unexpected = sorted(set(shapes) - set(where)), sorted(set(where) - set(shapes))
@@ -291,7 +307,7 @@ def load_pretrained(run_dir: str | Path, dtype: torch.dtype | None = torch.float
                 if tfile == file:
                     state[name] = _read_tensor(f, file, info, data_start, dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers are not in the file: rebuild the rotary tables off the meta device.
     cos, sin = rope_tables(config)

@@ -336,6 +336,8 @@ class Backbone(nn.Module):
 class LlamaModel(nn.Module):
     """The causal LM: `forward(input_ids) -> logits` of shape (batch, time, vocab)."""
 
+    hf_head = "ForCausalLM"  # transformers' class is the family's name + this (model/hf.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
@@ -378,6 +380,15 @@ class LlamaModel(nn.Module):
         With `targets` (B, T; -100 = ignore) it returns instead the *summed* next-token
         cross-entropy, computed without materializing the logits (see linear_ce.py).
         """
+        x = self.hidden_states(input_ids, start_pos, cache, attention_mask)
+        if targets is not None:
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
+        return self.lm_head(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's output after the final norm (B, T, hidden): what a head reads (transformers'
+        `last_hidden_state`). Arguments as `forward`'s."""
         T = input_ids.shape[1]
         last = int(start_pos.max()) + T if isinstance(start_pos, torch.Tensor) else start_pos + T
         if last > self.config.max_position_embeddings:
@@ -385,7 +396,4 @@ class LlamaModel(nn.Module):
                              f"= {self.config.max_position_embeddings}")
         x = sdpa_layers(self.model.embed_tokens(input_ids), self.model.layers, self.config, TRAINING_KERNELS,
                         self.rope_cos, self.rope_sin, start_pos, cache, attention_mask)
-        x = self.model.norm(x)
-        if targets is not None:
-            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
-        return self.lm_head(x)
+        return self.model.norm(x)

@@ -8,6 +8,10 @@ Files follow PEFT, so `PeftModel.from_pretrained(hf_model, adapter_dir)` loads t
 `adapter_config.json` (peft_type LORA, r, lora_alpha, lora_dropout, use_rslora, target_modules as
 module-name suffixes) and `adapter_model.safetensors` with keys
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`.
+
+A model's heads never get adapters. A head that starts untrained (a reward model's `score`) is
+instead trained whole beside them and saved with the adapter, as PEFT's `modules_to_save` does
+(key `base_model.model.score.weight`, the config's task_type SEQ_CLS).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write, atomic_write_text
 
 PEFT_PREFIX = "base_model.model."
+HEADS = ("lm_head", "score")  # output heads: never adapted (a score head is trained whole, see above)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class LoraInfo:
     config: LoraConfig
     targets: list[str] = field(default_factory=list)  # full module paths that carry adapters
     trainable: int = 0
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained whole beside the adapters
 
 
 class LoraLinear(nn.Module):
@@ -72,7 +78,7 @@ class LoraLinear(nn.Module):
 def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name == "lm_head":
+        if not isinstance(module, nn.Linear) or name in HEADS:
             continue
         if config.target_modules is None or name.split(".")[-1] in config.target_modules:
             names.append(name)
@@ -82,8 +88,9 @@ def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, seed: int | None = None) -> LoraInfo:
-    """Freeze `model` and put adapters on the targeted linear layers (in place)."""
+def apply_lora(model: nn.Module, config: LoraConfig, seed: int | None = None,
+               modules_to_save: tuple[str, ...] = ()) -> LoraInfo:
+    """Freeze `model` but `modules_to_save` and put adapters on the targeted linear layers (in place)."""
     if config.r < 1:
         raise AthanorError("r must be at least 1", field="lora.r")
     for p in model.parameters():
@@ -95,13 +102,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, seed: int | None = None) ->
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoraLinear(getattr(parent, child), config))
+    for name in modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return LoraInfo(config, targets, trainable)
+    return LoraInfo(config, targets, trainable, list(modules_to_save))
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's saved key names."""
-    state = {}
+def adapter_state(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The adapter weights (and those of `modules_to_save`) under PEFT's saved key names."""
+    state = {f"{PEFT_PREFIX}{name}.{key}": w.detach().to("cpu", torch.float32).contiguous()
+             for name in modules_to_save for key, w in model.get_submodule(name).state_dict().items()}
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             for part in ("lora_A", "lora_B"):
@@ -115,12 +125,14 @@ def save_adapter(model: nn.Module, info: LoraInfo, out_dir: str | Path, base: st
     cfg = info.config
     suffixes = sorted({t.split(".")[-1] for t in info.targets})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if "score" in info.modules_to_save else "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": suffixes, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": info.modules_to_save or None, "layers_to_transform": None,
+        "use_dora": False,
     }
-    data = save(adapter_state(model), metadata={"format": "pt"})
+    data = save(adapter_state(model, info.modules_to_save), metadata={"format": "pt"})
     atomic_write(out_dir / "adapter_model.safetensors", lambda f: f.write(data))
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 

@@ -60,13 +60,13 @@ class DPORecipe:
         ckpt_every=50, log_every=10, weight_decay=0.0))
 
 
-def load_encoded(recipe: DPORecipe, tok: Tokenizer) -> tuple[list[EncodedPair], list[EncodedPair]]:
-    """(training pairs, held-out pairs), tokenized; a bad record or an overlong pair raises with its place."""
-    d = recipe.data
+def load_encoded(d: PreferenceDataConfig, tok: Tokenizer, max_length: int
+                 ) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """(training pairs, held-out pairs), tokenized, each prompt + answer at most `max_length` tokens; a bad
+    record or an overlong pair raises with its place. The reward model's stage (train/rm.py) shares it."""
     if not d.paths:
         raise AthanorError("no preference data: give one or more files (--data FILE, or --data.paths=...)",
                            field="data.paths")
-    max_length = recipe.train.seq_len + 1
 
     def encode(pairs: list) -> list[EncodedPair]:
         return [encode_pair(tok, p, max_length, d.truncate) for p in pairs]
@@ -176,7 +176,7 @@ def dpo(recipe: DPORecipe, show_progress: bool = True) -> dict[str, Any]:
         if cfg.seq_len + 1 > model.config.max_position_embeddings:
             raise AthanorError(f"train.seq_len {cfg.seq_len} leaves no room in the model's "
                                f"{model.config.max_position_embeddings} positions", field="train.seq_len")
-        train_pairs, held_pairs = load_encoded(recipe, tok)
+        train_pairs, held_pairs = load_encoded(recipe.data, tok, cfg.seq_len + 1)  # the model reads ids[:-1]
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(recipe, out_dir / "athanor.yaml")

@@ -4,6 +4,7 @@ the transformers layout, merged when LoRA trained it, with the adapter beside it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,28 +30,32 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=list)  # empty: every linear layer but the output head
 
 
-def maybe_apply_lora(model: nn.Module, settings: LoraSettings, seed: int) -> LoraInfo | None:
-    """Adapters on `model` when `settings.enabled` (the base weights frozen), else None."""
+def maybe_apply_lora(model: nn.Module, settings: LoraSettings, seed: int,
+                     modules_to_save: tuple[str, ...] = ()) -> LoraInfo | None:
+    """Adapters on `model` when `settings.enabled` (the base weights frozen but `modules_to_save`), else None."""
     if not settings.enabled:
         return None
     config = LoraConfig(r=settings.r, alpha=settings.alpha, dropout=settings.dropout, rslora=settings.rslora,
                         target_modules=settings.target_modules or None)
-    return apply_lora(model, config, seed=seed)
+    return apply_lora(model, config, seed=seed, modules_to_save=modules_to_save)
 
 
 def save_trained(trainer: Trainer, base: str, lora: LoraInfo | None, out_dir: Path, tok: Tokenizer,
-                 info: DistInfo) -> LlamaModel | None:
+                 info: DistInfo, skeleton: Callable[[LlamaModel], LlamaModel] | None = None) -> LlamaModel | None:
     """Write the trained weights into `out_dir` as a model directory with the tokenizer; with LoRA also
     `adapter/`, and the model merged. Every rank calls it (gathering an FSDP model's full weights is
-    a collective); the main rank writes and gets the model back, the others None."""
+    a collective); the main rank writes and gets the model back, the others None. `skeleton` turns
+    the base as loaded into the trained model's shape (a reward model's head) before the weights go in."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(trainer.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not info.is_main:
         return None
     export = load_pretrained(base, device=info.device)
+    if skeleton is not None:
+        export = skeleton(export)
     if lora is not None:
-        apply_lora(export, lora.config)
+        apply_lora(export, lora.config, modules_to_save=tuple(lora.modules_to_save))
         export.load_state_dict(full)
         save_adapter(export, lora, out_dir / "adapter", base=base)
         export = merge_lora(export)
