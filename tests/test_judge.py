@@ -11,7 +11,6 @@ from conftest import tiny_model_config
 from teacher_server import ChatServer
 
 from athanor.cli import main
-from athanor.data.judge import JudgeConfig, judge_pairs, parse_verdict, verifier_labels
 from athanor.data.preferences import load_pairs
 from athanor.data.synth import grade, make_splits, normalize_answer, write_tasks
 from athanor.data.verifier_pairs import pair_record, report_path, write_pairs
@@ -20,6 +19,7 @@ from athanor.lm.endpoint import EndpointLM
 from athanor.lm.local import LocalLM
 from athanor.model.hf import save_pretrained
 from athanor.model.llama import LlamaModel
+from athanor.rl.judge import JudgeConfig, judge_pairs, parse_verdict, verifier_labels
 
 TASKS = make_splits(8, 1, seed=4, kinds=["arithmetic", "string", "list"])[0]
 

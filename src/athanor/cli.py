@@ -336,11 +336,11 @@ def cmd_pairs_verifier(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_pairs_judge(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.config import load_recipe
-    from athanor.data.judge import JudgeConfig, judge_pairs, verifier_labels
     from athanor.data.preferences import load_pairs
     from athanor.data.verifier_pairs import report_path, tasks_from_spec, write_pairs
     from athanor.io import refuse_to_overwrite
     from athanor.lm import open_lm
+    from athanor.rl.judge import JudgeConfig, judge_pairs, verifier_labels
 
     for path in (args.out, report_path(args.out)):
         refuse_to_overwrite(path, args.force)
