@@ -1,21 +1,29 @@
-"""A real OpenAI-compatible chat endpoint on loopback, serving a real athanor model (for tests)."""
+"""Real OpenAI-compatible chat endpoints on loopback (for tests): a real athanor model, or a rule.
+
+`ChatServer(reply)` answers every POST {url}/chat/completions with `reply(request body)`, the request
+as the client sent it (messages, temperature, seed, ...); `TeacherServer(run_dir)` is one whose reply is
+a real athanor model's. A rule is a real program behind a real socket: the client under test talks
+HTTP to it exactly as to vLLM or OpenAI.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from athanor.lm.local import LocalLM
 from athanor.serve.sampling import SamplingParams
 
 
-class TeacherServer:
-    """`with TeacherServer(run_dir) as url:` serves POST {url}/chat/completions until the block ends."""
+class ChatServer:
+    """`with ChatServer(reply) as url:` serves POST {url}/chat/completions until the block ends. A reply
+    function that raises makes the server answer HTTP 500 (a server that breaks mid-run)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        teacher = LocalLM.load(run_dir, device="cpu", keep_prompt_tail=True)
+    def __init__(self, reply: Callable[[dict[str, Any]], str]) -> None:
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -24,10 +32,12 @@ class TeacherServer:
                     self.send_error(404)
                     return
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    params = SamplingParams(max_tokens=req.get("max_tokens", 64),
-                                            temperature=req.get("temperature", 1.0), seed=req.get("seed"))
-                    text = teacher.chat([req["messages"]], params)[0].text
+                try:
+                    with lock:
+                        text = reply(req)
+                except Exception as e:  # noqa: BLE001 (any failure of the rule is the server's 500)
+                    self.send_error(500, str(e))
+                    return
                 body = json.dumps({"object": "chat.completion", "model": req.get("model"),
                                    "choices": [{"index": 0, "finish_reason": "stop",
                                                 "message": {"role": "assistant", "content": text}}]}).encode()
@@ -50,3 +60,17 @@ class TeacherServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class TeacherServer(ChatServer):
+    """A real athanor model (a run directory) behind the chat endpoint."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        teacher = LocalLM.load(run_dir, device="cpu", keep_prompt_tail=True)
+
+        def reply(req: dict[str, Any]) -> str:
+            params = SamplingParams(max_tokens=req.get("max_tokens", 64), temperature=req.get("temperature", 1.0),
+                                    seed=req.get("seed"))
+            return teacher.chat([req["messages"]], params)[0].text
+
+        super().__init__(reply)

@@ -322,6 +322,58 @@ def cmd_synth_distill(args: argparse.Namespace, overrides: list[str]) -> None:
           f"-> {result['output']}")
 
 
+def _report_line(report: dict, keys: tuple[str, ...]) -> str:
+    shown = {k: f"{v:.0%}" if isinstance(v, float) else v for k, v in report.items() if k in keys and v is not None}
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown.items())
+
+
+def _synth_heldout() -> int:
+    """The held-out split `athanor sft` makes by default: tasks made from a count keep clear of it."""
+    from athanor.train.sft import SFTDataConfig
+
+    return SFTDataConfig().synth_heldout
+
+
+def cmd_pairs_verifier(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.data import verifier_pairs as vp
+    from athanor.io import refuse_to_overwrite
+    from athanor.lm import open_lm
+
+    for path in (args.out, vp.report_path(args.out)):
+        refuse_to_overwrite(path, args.force)
+    cfg = load_recipe(vp.VerifierConfig, None, [f"--k={args.k}", f"--seed={args.seed}", *overrides])
+    tasks = vp.tasks_from_spec(args.tasks, cfg.seed, _synth_heldout())
+    lm = open_lm(args.model, args.model_name, args.api_key_env)
+    records, report = vp.make_verifier_pairs(lm, tasks, cfg, show_progress=not args.quiet)
+    vp.write_pairs(args.out, records, report)
+    print(_report_line(report, ("tasks", "answers", "pass_rate", "pairs", "tasks_all_passed", "tasks_all_failed"))
+          + f" -> {args.out} (report: {vp.report_path(args.out)})")
+
+
+def cmd_pairs_judge(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.data.preferences import load_pairs
+    from athanor.data.verifier_pairs import report_path, tasks_from_spec, write_pairs
+    from athanor.io import refuse_to_overwrite
+    from athanor.lm import open_lm
+    from athanor.rl.judge import JudgeConfig, judge_pairs, verifier_labels
+
+    for path in (args.out, report_path(args.out)):
+        refuse_to_overwrite(path, args.force)
+    cfg = load_recipe(JudgeConfig, None, [f"--seed={args.seed}", *overrides])
+    if args.rubric:
+        cfg.rubric = args.rubric
+    pairs = load_pairs(args.pairs)
+    labels = verifier_labels(pairs, tasks_from_spec(args.tasks, args.seed, _synth_heldout())) if args.tasks else None
+    judge = open_lm(args.judge, args.model_name, args.api_key_env)
+    records, report = judge_pairs(judge, pairs, cfg, labels, show_progress=not args.quiet)
+    print(_report_line(report, ("comparisons", "position_consistency", "unparsed_verdicts", "first_position_rate",
+                                "verifier_known_consistent", "verifier_agreement", "pairs")))
+    write_pairs(args.out, records, report)
+    print(f"-> {args.out} (report: {report_path(args.out)})")
+
+
 def _add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace what is already in --out; without it a non-empty --out is refused, so "
@@ -523,6 +575,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_synth_distill)
+
+    pairs = sub.add_parser("pairs", help="make preference pairs: graded by a verifier, or judged by a model (RLAIF)",
+                           description="Make preference pairs (TRL's prompt/chosen/rejected messages, JSONL) for "
+                                       "`athanor dpo`: `athanor pairs verifier` samples answers to verifiable tasks "
+                                       "and pairs a right one with a wrong one; `athanor pairs judge` lets a model "
+                                       "decide which of two answers is better (RLAIF). Each writes FILE and a "
+                                       "FILE-stem.report.json with its numbers.")
+    pairs_sub = pairs.add_subparsers(dest="pairs_command", required=True, metavar="ACTION")
+    lm_help = ("a run directory (or Hugging Face checkpoint) to run here on the engine, or the base URL of an "
+               "OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1)")
+    tasks_help = ("synthetic tasks: a count N (the train split of `athanor synth tasks --seed SEED`, never a "
+                  "held-out task) or a task file (train.jsonl from `athanor synth tasks`, or an SFT run's "
+                  "data/train.jsonl)")
+
+    def add_lm_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model-name", default="", metavar="NAME", help="model name to request from an endpoint")
+        p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                       help="environment variable holding the endpoint's API key (default OPENAI_API_KEY; unset: "
+                            "no key sent)")
+        p.add_argument("--out", required=True, metavar="FILE", help="pairs to write (JSONL); the report goes to "
+                                                                    "FILE with the suffix .report.json")
+        _add_force_arg(p)
+        p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same pairs; default 0)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = pairs_sub.add_parser("verifier", help="sample k answers per task, pair a passing with a failing one",
+                             description="For each synthetic task, sample --k answers from --model (seeded, at "
+                                         "temperature 1 by default), grade each as `athanor sft` grades its held-out "
+                                         "tasks (exact answer, or the task's unit tests run in the sandbox), and "
+                                         "pair a passing answer (chosen) with a failing one (rejected) of the same "
+                                         "prompt. A task whose answers all pass or all fail gives no pair; the "
+                                         "report counts those, the pass rate and the pairs. Settings: "
+                                         "--temperature=1.0 --top_p=1.0 --max_tokens=64 --batch_tasks=16.")
+    p.add_argument("--model", required=True, metavar="DIR|URL", help="the model that answers: " + lm_help)
+    p.add_argument("--tasks", default="200", metavar="N|FILE", help=tasks_help + " (default 200)")
+    p.add_argument("--k", type=int, default=4, help="answers sampled per task (default 4)")
+    add_lm_args(p)
+    p.set_defaults(func=cmd_pairs_verifier)
+
+    p = pairs_sub.add_parser("judge", help="let a judge model pick the better answer of each pair (RLAIF)",
+                             description="Show a judge model each pair's prompt and two answers with a stated "
+                                         "rubric, and ask for the better one, in both orders (answers swapped) to "
+                                         "cancel position bias. The verdict must be exactly A or B ([A] and A. are "
+                                         "accepted; anything else is no verdict); a pair whose two verdicts "
+                                         "disagree, or do not parse, is a tie and is dropped. Writes the pairs the "
+                                         "judge decided, chosen = its pick, and reports its position consistency "
+                                         "(share of pairs whose two orders agree: a judge that always answers A "
+                                         "scores 0%) and, with --tasks, its agreement with the verifier where one "
+                                         "answer passes and the other fails. Settings: --max_tokens=8 "
+                                         "--temperature=0.0 --batch_pairs=16.")
+    p.add_argument("--judge", required=True, metavar="DIR|URL", help="the judge: " + lm_help)
+    p.add_argument("--pairs", required=True, metavar="FILE",
+                   help="the pairs to judge (any preference file `athanor data check` accepts, e.g. from "
+                        "`athanor pairs verifier`); which answer the file calls chosen is not shown to the judge")
+    p.add_argument("--tasks", metavar="N|FILE", help=tasks_help + "; the pairs' prompts found among them are "
+                                                                  "graded to measure the judge's agreement")
+    p.add_argument("--rubric", metavar="TEXT", help="what makes an answer better (default: correctness, then "
+                                                    "directness)")
+    add_lm_args(p)
+    p.set_defaults(func=cmd_pairs_judge)
 
     p = sub.add_parser("sft", help="supervised fine-tuning: turn a base model into a chat model",
                        description="Fine-tune a base model (--base RUN_DIR) on instruction data (--data FILE ...; "
