@@ -5,7 +5,9 @@ then a second full pass in backward. Here each chunk of rows computes its logits
 and, in the same pass, the gradient of the summed loss (softmax - one-hot), then drops the
 logits. The exponentials are taken once, no full-size logits or their gradient ever exist,
 and the three matmuls per chunk are all that is left (the idea of Liger Kernel's
-FusedLinearCrossEntropy, here in plain PyTorch).
+FusedLinearCrossEntropy, here in plain PyTorch). The same for each row's log-prob of its
+target (`linear_token_logprobs`, what DPO and its relatives sum per answer), whose gradient
+from above differs per row.
 """
 
 from __future__ import annotations
