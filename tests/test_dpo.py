@@ -38,9 +38,9 @@ def test_collated_rows_score_each_answer_as_the_pair_alone(tmp_path: Path, token
     model = LlamaModel(tiny_model_config()).double()
     batch = collate(pairs, tok.pad_id)
     assert batch["x"].shape[0] == 6 and (batch["y"][:3] != -100).sum() == sum(sum(p.chosen_mask) for p in pairs)
-    together = sequence_logps(model(batch["x"]), batch["y"]).sum
+    together = sequence_logps(model, batch["x"], batch["y"]).sum
     for i, p in enumerate(pairs):
-        alone = sequence_logps(model(collate([p], tok.pad_id)["x"]), collate([p], tok.pad_id)["y"]).sum
+        alone = sequence_logps(model, collate([p], tok.pad_id)["x"], collate([p], tok.pad_id)["y"]).sum
         torch.testing.assert_close(together[[i, i + 3]], alone, rtol=1e-10, atol=1e-10)
 
 

@@ -7,6 +7,8 @@ Under CUDA (when present) the same comparisons run in bf16 autocast with a loose
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from athanor.model.fused import rms_norm, rotary_qkv, swiglu
-from athanor.model.linear_ce import linear_cross_entropy
+from athanor.model.linear_ce import linear_cross_entropy, linear_token_logprobs
 from athanor.model.llama import LlamaModel, apply_rope, stacked_linear
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -90,6 +92,57 @@ def test_linear_cross_entropy_gradcheck_with_ignored_rows_and_ragged_chunks() ->
     _same(lambda h, w: linear_cross_entropy(h, w, t, chunk=7),
           lambda h, w: F.cross_entropy(h @ w.t(), t, reduction="sum"), [h, w], [torch.tensor(0.7, dtype=h.dtype)])
     assert gradcheck(lambda h, w: linear_cross_entropy(h, w, t, chunk=7), (h, w))
+
+
+def _plain_token_logprobs(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What sequence_logps computed before the fused head: log-softmax of the full logits, picked."""
+    picked = logits.log_softmax(-1).gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(t != -100, picked, 0.0)
+
+
+@pytest.mark.parametrize("train_weight", [True, False])  # full fine-tuning; LoRA (the head frozen)
+def test_linear_token_logprobs_equal_log_softmax_with_per_row_gradients(train_weight: bool) -> None:
+    torch.manual_seed(0)
+    h = torch.randn(23, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, requires_grad=train_weight)
+    t = torch.randint(0, 11, (23,))
+    t[::4] = -100
+    t[:3] = -100  # ignored rows in a run, and chunks that hold different numbers of scored rows
+    # A different gradient on every row, as DPO gives each sequence its own weight.
+    _same(lambda h, *w_: linear_token_logprobs(h, w_[0] if w_ else w, t, chunk=7),
+          lambda h, *w_: _plain_token_logprobs(h @ (w_[0] if w_ else w).t(), t),
+          [h, w] if train_weight else [h], [torch.randn(23, dtype=h.dtype)])
+    assert gradcheck(lambda h, w: linear_token_logprobs(h, w, t, chunk=7), (h, w))
+    with torch.no_grad():  # evaluation: the same numbers
+        torch.testing.assert_close(linear_token_logprobs(h, w, t), _plain_token_logprobs(h @ w.t(), t))
+
+
+def test_linear_token_logprobs_by_hand() -> None:
+    # logits (0, 0, ln 2) give probabilities 1/4, 1/4, 1/2 for every row.
+    h, w = torch.ones(3, 1), torch.tensor([[0.0], [0.0], [math.log(2)]])
+    got = linear_token_logprobs(h, w, torch.tensor([2, -100, 0]))
+    torch.testing.assert_close(got, torch.tensor([math.log(1 / 2), 0.0, math.log(1 / 4)]))
+
+
+def test_model_token_logprobs_match_the_logits_path_in_fp32() -> None:
+    """model(x, targets=y, token_logprobs=True) against the full logits' log-softmax, values and every
+    parameter's gradient under a per-row weighted sum (a DPO-like loss), fp32 at the model's shapes."""
+    torch.manual_seed(0)
+    model = LlamaModel(tiny_model_config())
+    x = torch.randint(0, 512, (4, 17))
+    y = torch.randint(0, 512, (4, 17))
+    y[:, :5] = -100
+    y[3, 12:] = -100
+    weights = torch.randn(4, 1)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        lp = model(x, targets=y, token_logprobs=True) if fused else _plain_token_logprobs(model(x).float(), y)
+        (lp * weights).sum().backward()
+        return [lp.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 class _Doubled(nn.Module):  # not an nn.Linear: stacked_linear must call it, not read its weight

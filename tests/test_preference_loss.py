@@ -102,16 +102,6 @@ def test_raising_the_chosen_log_prob_lowers_the_loss_and_the_rejected_raises_it(
         assert chosen.sum.grad[0] == 0
 
 
-def test_sequence_logps_by_hand():
-    # logits (0, 0, ln 2) give probabilities 1/4, 1/4, 1/2 at every position.
-    logits = torch.tensor([0.0, 0.0, math.log(2)]).expand(2, 3, 3)
-    targets = torch.tensor([[-100, 2, 0], [1, -100, -100]])
-    got = sequence_logps(logits, targets)
-    torch.testing.assert_close(got.sum, torch.tensor([math.log(1 / 2) + math.log(1 / 4), math.log(1 / 4)]))
-    assert got.count.tolist() == [2, 1]
-    torch.testing.assert_close(got.mean, got.sum / torch.tensor([2.0, 1.0]))
-
-
 def test_sequence_logps_align_like_the_sft_loss():
     """Summed over rows, the answer log-probs are minus the summed cross-entropy the model gives for the
     same targets (model(x, targets=y), the SFT loss): the same shift, the same -100 convention."""
@@ -121,9 +111,10 @@ def test_sequence_logps_align_like_the_sft_loss():
     x, y = ids[:, :-1], ids[:, 1:].clone()
     y[0, :4] = y[1, :7] = y[2, 9:] = -100  # prompts, and padding after an answer
     with torch.no_grad():
-        got = sequence_logps(model(x), y)
+        got = sequence_logps(model, x, y)
         assert float(got.sum.sum()) == pytest.approx(-float(model(x, targets=y)), rel=1e-5)
     assert got.count.tolist() == [7, 4, 9]
+    torch.testing.assert_close(got.mean, got.sum / torch.tensor([7.0, 4.0, 9.0]))
 
 
 def test_simpo_needs_no_reference_and_the_others_do():

@@ -50,7 +50,7 @@ def _ours(model_dir: Path, input_ids: torch.Tensor, labels: torch.Tensor) -> tup
     """athanor's log-probs of the rows [chosen..., rejected...] that TRL scores, labels -100 off the answers."""
     x, y = input_ids[:, :-1], labels[:, 1:]
     with torch.no_grad():
-        logps = sequence_logps(load_pretrained(model_dir)(x), y)
+        logps = sequence_logps(load_pretrained(model_dir), x, y)
     (chosen, rejected), (n_chosen, n_rejected) = logps.sum.chunk(2), logps.count.chunk(2)
     return Logps(chosen, n_chosen), Logps(rejected, n_rejected)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from athanor.model.block import Attend, Kernels, decoder_layer, sdpa_layers
 from athanor.model.fused import apply_rope, rms_norm, rotary_qkv, rotate_half, swiglu  # noqa: F401 (re-exported)
-from athanor.model.linear_ce import linear_cross_entropy
+from athanor.model.linear_ce import linear_cross_entropy, linear_token_logprobs
 
 
 @dataclass
@@ -369,7 +369,8 @@ class LlamaModel(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                token_logprobs: bool = False) -> torch.Tensor:
         """Logits for `input_ids` placed at positions [start_pos, start_pos + T).
 
         `start_pos` is an int, or a (B,) tensor giving each row its own start (rows of a batch
@@ -378,9 +379,14 @@ class LlamaModel(nn.Module):
         `attention_mask` (bool, True = may attend, broadcastable to (B, heads, T, start_pos + T))
         overrides the default causal mask, e.g. to keep packed documents apart.
         With `targets` (B, T; -100 = ignore) it returns instead the *summed* next-token
-        cross-entropy, computed without materializing the logits (see linear_ce.py).
+        cross-entropy, computed without materializing the logits (see linear_ce.py); with
+        `token_logprobs` as well, each position's log-prob of its target (B, T), 0 where it is -100
+        (what preference losses sum per answer), again without the logits.
         """
         x = self.hidden_states(input_ids, start_pos, cache, attention_mask)
+        if targets is not None and token_logprobs:
+            return linear_token_logprobs(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
+                                         targets.reshape(-1)).view(targets.shape)
         if targets is not None:
             return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))
         return self.lm_head(x)

@@ -96,7 +96,7 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
 def pair_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[Logps, Logps]:
     """The model's log-probs of the chosen and of the rejected answers of a collated batch."""
     device = next(model.parameters()).device
-    lp = sequence_logps(model(batch["x"].to(device)), batch["y"].to(device))
+    lp = sequence_logps(model, batch["x"].to(device), batch["y"].to(device))
     B = lp.sum.shape[0] // 2
     return Logps(lp.sum[:B], lp.count[:B]), Logps(lp.sum[B:], lp.count[B:])
 

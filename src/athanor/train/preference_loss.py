@@ -48,6 +48,7 @@ from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from athanor.errors import AthanorError
 from athanor.model.linear_ce import IGNORE_INDEX
@@ -95,18 +96,17 @@ class Logps(NamedTuple):
         return self.sum / self.count.clamp(min=1)
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> Logps:
-    """Log-probs of the answer tokens, from logits (B, T, V) and targets (B, T).
+def sequence_logps(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> Logps:
+    """The model's log-probs of the answer tokens, summed per row, for inputs and targets (B, T).
 
-    Targets are aligned with the logits as everywhere in athanor (train/sft.py): the model reads
+    Targets are aligned with the inputs as everywhere in athanor (train/sft.py): the model reads
     ids[:-1] and position t is scored against ids[t + 1], so the shift is done by whoever builds
-    the targets; prompt and padding positions hold -100 and count for nothing. Computed in fp32.
+    the targets; prompt and padding positions hold -100 and count for nothing. The model's fused
+    head scores only the answer positions and never builds the (B, T, vocab) logits (their
+    log-softmax and its gradient were most of a DPO step's memory). Computed in fp32.
     """
-    logits = logits.float()
-    answer = targets != IGNORE_INDEX
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    token_logps = torch.where(answer, picked - logits.logsumexp(-1), 0.0)
-    return Logps(token_logps.sum(-1), answer.sum(-1))
+    token_logps = model(inputs, targets=targets, token_logprobs=True)
+    return Logps(token_logps.sum(-1), (targets != IGNORE_INDEX).sum(-1))
 
 
 def _smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
