@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from athanor.errors import AthanorError
 
@@ -239,16 +239,24 @@ def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
           f"near-duplicate pairs {report['near_duplicate_pairs']} (3-gram Jaccard >= {report['jaccard_threshold']})")
 
 
-def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+def _load_finetune_recipe(cls: type, args: argparse.Namespace, overrides: list[str], *extra: str) -> Any:
+    """A fine-tuning recipe (SFT, DPO, RM) from --recipe, the shared flags (--base, --data, --lora, --out)
+    and the overrides; `extra` are the command's own flags as overrides."""
     from athanor.config import load_recipe
-    from athanor.train.sft import SFTRecipe, behavior_table, sft
 
-    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
-    extra += [f"--base={args.base}"] if args.base else []
-    extra += ["--lora.enabled=true"] if args.lora else []
-    recipe = load_recipe(SFTRecipe, args.recipe, extra + overrides)
+    flags = [f"--data.paths={','.join(args.data)}"] if args.data else []
+    flags += [f"--base={args.base}"] if args.base else []
+    flags += ["--lora.enabled=true"] if args.lora else []
+    recipe = load_recipe(cls, args.recipe, flags + list(extra) + overrides)
     if args.out:
         recipe.out_dir = args.out
+    return recipe
+
+
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.train.sft import SFTRecipe, behavior_table, sft
+
+    recipe = _load_finetune_recipe(SFTRecipe, args, overrides)
     result = sft(recipe, show_progress=not args.quiet)
     if "behavior" in result:
         from athanor.report import markdown_table
@@ -260,16 +268,10 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> None:
-    from athanor.config import load_recipe
     from athanor.train.dpo import DPORecipe, dpo
 
-    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
-    extra += [f"--base={args.base}"] if args.base else []
-    extra += [f"--loss.loss_type={args.loss}"] if args.loss else []
-    extra += ["--lora.enabled=true"] if args.lora else []
-    recipe = load_recipe(DPORecipe, args.recipe, extra + overrides)
-    if args.out:
-        recipe.out_dir = args.out
+    loss = [f"--loss.loss_type={args.loss}"] if args.loss else []
+    recipe = _load_finetune_recipe(DPORecipe, args, overrides, *loss)
     result = dpo(recipe, show_progress=not args.quiet)
     held = (f"held-out pairs: loss {result['val_loss']:.4f}, reward accuracy {result['val_rewards/accuracies']:.0%}, "
             f"margin {result['val_rewards/margins']:+.3f}; " if "val_loss" in result else "")
@@ -277,15 +279,9 @@ def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_rm(args: argparse.Namespace, overrides: list[str]) -> None:
-    from athanor.config import load_recipe
     from athanor.train.rm import RMRecipe, rm
 
-    extra = [f"--data.paths={','.join(args.data)}"] if args.data else []
-    extra += [f"--base={args.base}"] if args.base else []
-    extra += ["--lora.enabled=true"] if args.lora else []
-    recipe = load_recipe(RMRecipe, args.recipe, extra + overrides)
-    if args.out:
-        recipe.out_dir = args.out
+    recipe = _load_finetune_recipe(RMRecipe, args, overrides)
     result = rm(recipe, show_progress=not args.quiet)
     held = (f"held-out pairs: loss {result['val_loss']:.4f}, accuracy {result['val_accuracy']:.1%} "
             f"(95% Wilson interval {result['val_accuracy_ci95_low']:.1%}-{result['val_accuracy_ci95_high']:.1%}, "

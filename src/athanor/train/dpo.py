@@ -48,6 +48,12 @@ class PreferenceDataConfig:
     truncate: bool = False  # cut pairs longer than train.seq_len + 1 instead of refusing them
 
 
+def preference_train_config() -> TrainConfig:
+    """The training defaults of the stages that learn from pairs (DPO here, the reward model in rm.py)."""
+    return TrainConfig(max_steps=100, batch_size=8, seq_len=256, lr=1e-4, warmup_steps=10, eval_every=0,
+                       eval_tokens=0, ckpt_every=50, log_every=10, weight_decay=0.0)
+
+
 @dataclass
 class DPORecipe:
     out_dir: str = "runs/dpo"
@@ -55,9 +61,7 @@ class DPORecipe:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=100, batch_size=8, seq_len=256, lr=1e-4, warmup_steps=10, eval_every=0, eval_tokens=0,
-        ckpt_every=50, log_every=10, weight_decay=0.0))
+    train: TrainConfig = field(default_factory=preference_train_config)
 
 
 def load_encoded(d: PreferenceDataConfig, tok: Tokenizer, max_length: int

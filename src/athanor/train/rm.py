@@ -34,7 +34,7 @@ from athanor.model.llama import LlamaModel
 from athanor.stats import wilson_interval
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
-from athanor.train.dpo import PreferenceDataConfig, load_encoded
+from athanor.train.dpo import PreferenceDataConfig, load_encoded, preference_train_config
 from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_trained
 from athanor.train.loop import TrainConfig, Trainer
 from athanor.train.reward_model import RewardLossConfig, RewardModel, reward_loss
@@ -47,9 +47,7 @@ class RMRecipe:
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=100, batch_size=8, seq_len=256, lr=1e-4, warmup_steps=10, eval_every=0, eval_tokens=0,
-        ckpt_every=50, log_every=10, weight_decay=0.0))
+    train: TrainConfig = field(default_factory=preference_train_config)
 
 
 def collate(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
