@@ -63,17 +63,19 @@ def _assert_same(ours_loss: torch.Tensor, ours_metrics: dict, trl_loss: float, t
 
 # cDPO (sigmoid with label smoothing): TRL 1.16's "sigmoid" ignores label_smoothing; its "aot" loss
 # on a batch of ONE pair (sorting one value changes nothing) is exactly -(1-eps) log s(bh) - eps log s(-bh).
-@pytest.mark.parametrize(("loss_type", "eps", "trl_loss_type", "n_pairs"), [
-    ("sigmoid", 0.0, "sigmoid", 3), ("robust", 0.1, "robust", 3), ("ipo", 0.0, "ipo", 3),
-    ("hinge", 0.0, "hinge", 3), ("sigmoid", 0.1, "aot", 1)])
+# RPO (rpo_alpha): TRL 1.16 adds the chosen answers' NLL as a second loss type, "sft", weighted.
+@pytest.mark.parametrize(("loss_type", "eps", "trl_loss_type", "n_pairs", "rpo_alpha"), [
+    ("sigmoid", 0.0, "sigmoid", 3, 0.0), ("robust", 0.1, "robust", 3, 0.0), ("ipo", 0.0, "ipo", 3, 0.0),
+    ("hinge", 0.0, "hinge", 3, 0.0), ("sigmoid", 0.1, "aot", 1, 0.0), ("sigmoid", 0.0, "sigmoid", 3, 0.7)])
 def test_dpo_losses_and_metrics_equal_trl(tmp_path, tokenizer_dir, checkpoints, loss_type, eps, trl_loss_type,
-                                          n_pairs):
+                                          n_pairs, rpo_alpha):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     transformers = pytest.importorskip("transformers")
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
                          per_device_train_batch_size=n_pairs, max_length=None, beta=BETA,
-                         loss_type=[trl_loss_type], label_smoothing=eps)
+                         loss_type=[trl_loss_type] + ["sft"] * bool(rpo_alpha),
+                         loss_weights=[1.0] + [rpo_alpha] * bool(rpo_alpha), label_smoothing=eps)
     trainer = trl.DPOTrainer(model=_hf(checkpoints / "policy"), ref_model=_hf(checkpoints / "ref"), args=args,
                              train_dataset=datasets.Dataset.from_list(PAIRS[:n_pairs]),
                              processing_class=transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -93,19 +95,21 @@ def test_dpo_losses_and_metrics_equal_trl(tmp_path, tokenizer_dir, checkpoints, 
                          (ref_chosen.sum, trl_ref[0]), (ref_rejected.sum, trl_ref[1])]:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
     loss, metrics = preference_loss(chosen, rejected, ref_chosen.sum, ref_rejected.sum,
-                                    PreferenceLossConfig(beta=BETA, loss_type=loss_type, label_smoothing=eps))
+                                    PreferenceLossConfig(beta=BETA, loss_type=loss_type, label_smoothing=eps,
+                                                         rpo_alpha=rpo_alpha))
+    assert ("nll_loss" in metrics) == bool(rpo_alpha)
     _assert_same(loss, metrics, trl_loss, trl_metrics)
 
 
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_simpo_loss_and_metrics_equal_trl_cpo_trainer(tmp_path, tokenizer_dir, checkpoints, eps):
+@pytest.mark.parametrize(("eps", "cpo_alpha"), [(0.0, 0.0), (0.1, 0.0), (0.0, 0.7)])
+def test_simpo_loss_and_metrics_equal_trl_cpo_trainer(tmp_path, tokenizer_dir, checkpoints, eps, cpo_alpha):
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     transformers = pytest.importorskip("transformers")
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     args = CPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
-                     per_device_train_batch_size=len(PAIRS), beta=BETA, loss_type="simpo", cpo_alpha=0.0,
+                     per_device_train_batch_size=len(PAIRS), beta=BETA, loss_type="simpo", cpo_alpha=cpo_alpha,
                      simpo_gamma=0.3, label_smoothing=eps)
     trainer = CPOTrainer(model=_hf(checkpoints / "policy"), args=args, train_dataset=datasets.Dataset.from_list(PAIRS),
                          processing_class=transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -116,5 +120,7 @@ def test_simpo_loss_and_metrics_equal_trl_cpo_trainer(tmp_path, tokenizer_dir, c
 
     chosen, rejected = _ours(checkpoints / "policy", rows["concatenated_input_ids"], rows["concatenated_labels"])
     loss, metrics = preference_loss(chosen, rejected, None, None, PreferenceLossConfig(
-        beta=BETA, loss_type="simpo", label_smoothing=eps, simpo_gamma=0.3))
+        beta=BETA, loss_type="simpo", label_smoothing=eps, simpo_gamma=0.3, rpo_alpha=cpo_alpha))
     _assert_same(loss, metrics, float(trl_loss), trl_metrics)
+    if cpo_alpha:
+        assert float(metrics["nll_loss"]) == pytest.approx(float(trl_metrics["nll_loss"]), rel=1e-5)

@@ -36,6 +36,13 @@ rewards/rejected (beta r(y), for SimPO beta m(y)), rewards/margins (their differ
 rewards/accuracies (fraction of pairs whose chosen reward is strictly higher), logps/chosen and
 logps/rejected (the policy's summed log-probs, for SimPO the averages, as CPOTrainer logs them).
 
+With rpo_alpha = a > 0 the loss adds a times the negative log-likelihood of the chosen answers, per
+token over the batch (-sum log pi(y_w) / sum |y_w|): RPO (Pang et al. 2024, "Iterative Reasoning
+Preference Optimization"), TRL 1.16's loss_type=["sigmoid", "sft"] with loss_weights=[1, a], and for
+SimPO CPOTrainer's cpo_alpha. Plain DPO can lower the chosen answers' likelihood along with the
+rejected ones (only their difference is pushed up); the NLL term holds the chosen answers up, which
+matters when the chosen answers are the model's own correct samples. Logged as nll_loss.
+
 A per-pair margin from the data is not taken: TRL 1.16's DPOTrainer uses none (the reward
 model's Bradley-Terry loss is where the field uses one).
 """
@@ -66,6 +73,7 @@ class PreferenceLossConfig:
     loss_type: LossType = "sigmoid"
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0  # weight of the chosen answers' NLL added to the loss (RPO; CPO's cpo_alpha)
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -83,6 +91,8 @@ class PreferenceLossConfig:
                                f"{', '.join(SMOOTHED)}", field="label_smoothing")
         if not (math.isfinite(self.simpo_gamma) and self.simpo_gamma >= 0):
             raise AthanorError(f"must be a number >= 0, got {self.simpo_gamma}", field="simpo_gamma")
+        if not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
+            raise AthanorError(f"must be a number >= 0, got {self.rpo_alpha}", field="rpo_alpha")
 
 
 class Logps(NamedTuple):
@@ -151,4 +161,9 @@ def preference_loss(policy_chosen: Logps, policy_rejected: Logps, ref_chosen: to
         "logps/chosen": logps_chosen.detach().mean(),
         "logps/rejected": logps_rejected.detach().mean(),
     }
-    return losses.mean(), metrics
+    loss = losses.mean()
+    if config.rpo_alpha:
+        nll = -policy_chosen.sum.sum() / policy_chosen.count.sum().clamp(min=1)
+        loss = loss + config.rpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return loss, metrics
