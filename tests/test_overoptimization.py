@@ -156,6 +156,10 @@ def test_measure_writes_numbers_that_the_samples_reproduce(tmp_path: Path, token
     assert last["proxy"] == pytest.approx(proxy.max(1).mean())
     assert last["oracle_gold"] == pytest.approx(gold.any(1).mean())
     assert [r["n"] for r in result["rows"]] == [1, 2, 4, 8] and result["kl_formula"].startswith("KL(best-of-n")
+    kinds = result["gold_by_kind"]  # each kind's tasks alone: together they make up the whole
+    assert set(kinds) == {t.kind for t in TASKS} and "By task kind" in md
+    for j, row in enumerate(result["rows"]):
+        assert sum(v["tasks"] * v["gold"][j] for v in kinds.values()) / len(TASKS) == pytest.approx(row["gold"])
 
 
 def test_command_line_on_a_tiny_model(tmp_path: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture) -> None:

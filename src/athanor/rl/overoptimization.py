@@ -207,13 +207,18 @@ def run_overoptimization(policy: LM, rm: RewardModel, rm_tok: Tokenizer, tasks: 
     seconds["score"] = time.perf_counter() - start
 
     proxy, gold = np.array(scores)[where], np.array(passed)[where]
+    ns = ns_up_to(cfg.sampling.k)
+    kinds = np.array([t.kind for t in tasks])
+    by_kind = {k: {"tasks": int((kinds == k).sum()),
+                   "gold": best_of_n(proxy[kinds == k], gold[kinds == k], ns).mean(0).tolist()}
+               for k in sorted(set(kinds))}
     samples = [{"id": task.id, "prompt": task.prompt,
                 "answers": [{"text": a, "proxy": float(p), "gold": bool(g)}
                             for a, p, g in zip(group, proxy[t], gold[t], strict=True)]}
                for t, (task, group) in enumerate(zip(tasks, answers, strict=True))]
     return {"policy": policy.name, "tasks": len(tasks), "n_max": cfg.sampling.k, **asdict(cfg),
             "distinct_answers": len(distinct), **summarize(proxy, gold, cfg.resamples, cfg.seed),
-            "seconds": seconds, "samples": samples}
+            "gold_by_kind": by_kind, "seconds": seconds, "samples": samples}
 
 
 def summarize(proxy: np.ndarray, gold: np.ndarray, resamples: int, seed: int) -> dict[str, Any]:
@@ -324,6 +329,15 @@ def results_table(result: dict[str, Any]) -> str:
     } for r in result["rows"]])
 
 
+def kind_table(result: dict[str, Any]) -> str:
+    """Gold by task kind at n = 1, at the overall peak and at n = N: which kinds the reward model helps or hurts."""
+    ns = [r["n"] for r in result["rows"]]
+    cols = sorted({0, ns.index(result["peak"]["n"]), len(ns) - 1})
+    return markdown_table([{"kind": kind, "tasks": v["tasks"],
+                            **{f"gold at n = {ns[j]}": _pct(v["gold"][j]) for j in cols}}
+                           for kind, v in result["gold_by_kind"].items()])
+
+
 def overopt_markdown(result: dict[str, Any], image: str) -> str:
     """The report's text: the setup, what it shows, the table and the plot (`image`, a path relative to
     where the Markdown goes)."""
@@ -343,6 +357,10 @@ def overopt_markdown(result: dict[str, Any], image: str) -> str:
         finding(result),
         "",
         results_table(result),
+        "",
+        "By task kind (the same estimate on each kind's tasks alone):",
+        "",
+        kind_table(result),
         "",
         f"![proxy and gold reward against sqrt KL]({image})",
         "",
@@ -381,7 +399,7 @@ def plot_overoptimization(result: dict[str, Any], out_png: str | Path) -> None:
     proxy_ax.set_ylabel("proxy: reward-model score", color="C1")
     gold_ax.grid(alpha=0.3)
     lines = gold_ax.get_legend_handles_labels(), proxy_ax.get_legend_handles_labels()
-    gold_ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="lower right")
+    gold_ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="upper left")
     fig.tight_layout()
     atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
