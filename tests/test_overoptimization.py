@@ -30,6 +30,7 @@ from athanor.rl.overoptimization import (
     load_reward_model,
     measure,
     ns_up_to,
+    speedrun_section,
     summarize,
 )
 from athanor.tokenizer import Tokenizer
@@ -181,3 +182,12 @@ def test_command_line_on_a_tiny_model(tmp_path: Path, tokenizer_dir: Path, capsy
     assert "head" in capsys.readouterr().err
     assert main([*args, "--n", "1", "--out", str(tmp_path / "out3")]) == 2
     assert "n must be at least 2" in capsys.readouterr().err
+
+
+def test_report_section_links_the_plot_from_the_report(tmp_path: Path, tokenizer_dir: Path) -> None:
+    base = tiny_base(tmp_path, tokenizer_dir)
+    rm_dir = tiny_reward_model(tmp_path / "rm", tokenizer_dir)
+    cfg = OveroptConfig(sampling=VerifierConfig(k=2, max_tokens=4), resamples=100)
+    section = speedrun_section(base, rm_dir, TASKS[:2], cfg, tmp_path / "run" / "overopt", tmp_path / "run")
+    assert section.title.startswith("Reward-model over-optimization")
+    assert "](overopt/overopt.png)" in section.markdown and (tmp_path / "run" / "overopt" / "overopt.png").is_file()
