@@ -153,7 +153,7 @@ def score_answers(rm: RewardModel, tok: Tokenizer, prompts: Sequence[str], answe
     return scores
 
 
-def _distinct(tasks: Sequence[Task], answers: Sequence[Sequence[str]]) -> tuple[list[tuple[int, str]], np.ndarray]:
+def _distinct(answers: Sequence[Sequence[str]]) -> tuple[list[tuple[int, str]], np.ndarray]:
     """Each task's distinct answers (task index, text), and for every sample its row in that list: a
     repeated answer is graded and scored once."""
     unique: dict[tuple[int, str], int] = {}
@@ -191,7 +191,7 @@ def run_overoptimization(policy: LM, rm: RewardModel, rm_tok: Tokenizer, tasks: 
     seconds["sample"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    distinct, where = _distinct(tasks, answers)
+    distinct, where = _distinct(answers)
     passed: list[bool] = []
     with tqdm(total=len(distinct), desc="grade", unit=" answers", disable=not show_progress,
               dynamic_ncols=True) as bar:
