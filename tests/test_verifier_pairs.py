@@ -17,6 +17,7 @@ from athanor.data.verifier_pairs import (
     make_verifier_pairs,
     report_path,
     sample_answers,
+    tasks_from_spec,
     write_pairs,
 )
 from athanor.errors import AthanorError
@@ -134,3 +135,10 @@ def test_an_unreachable_model_is_one_clear_error(tmp_path):
         pass  # the server is gone
     with pytest.raises(EndpointError, match="unreachable"):
         make_verifier_pairs(EndpointLM(url, "student", retries=0), TASKS[:2], CFG)
+
+
+def test_heldout_count_gives_the_sft_runs_heldout_tasks() -> None:
+    train, heldout, _ = make_splits(60, 10, seed=2)
+    tasks = tasks_from_spec("10", 2, 10, split="heldout")
+    assert [t.prompt for t in tasks] == [t.prompt for t in heldout]
+    assert not {t.key for t in tasks} & {t.key for t in tasks_from_spec("60", 2, 10)}

@@ -370,6 +370,24 @@ def cmd_pairs_judge(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"-> {args.out} (report: {report_path(args.out)})")
 
 
+def cmd_overopt(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.data.verifier_pairs import tasks_from_spec
+    from athanor.io import refuse_to_overwrite
+    from athanor.lm import open_lm
+    from athanor.rl.overoptimization import OveroptConfig, measure
+
+    refuse_to_overwrite(args.out, args.force)  # before the work, not after it
+    cfg = load_recipe(OveroptConfig, None, [f"--sampling.k={args.n}", f"--sampling.seed={args.seed}", *overrides])
+    tasks = tasks_from_spec(args.tasks, args.seed, _synth_heldout(), split="heldout")
+    policy = open_lm(args.policy, args.model_name, args.api_key_env)
+    result = measure(policy, args.rm, tasks, cfg, args.out, show_progress=not args.quiet)
+    first, last, peak = result["rows"][0], result["rows"][-1], result["peak"]
+    print(f"gold pass rate {first['gold']:.1%} at n=1, {peak['gold']:.1%} at its peak n={peak['n']}, "
+          f"{last['gold']:.1%} at n={last['n']} (KL {last['kl']:.2f} nats); proxy {first['proxy']:.3f} -> "
+          f"{last['proxy']:.3f} -> {Path(args.out) / 'overopt.md'}")
+
+
 def _add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace what is already in --out; without it a non-empty --out is refused, so "
@@ -689,6 +707,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (and the score head) instead of "
                                                        "every weight")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("overopt", help="reward-model over-optimization: best-of-n by a reward model, graded by "
+                                       "the verifier",
+                       description="Does optimizing against a learned reward model help, and when does it start to "
+                                   "hurt? (Gao et al. 2022, \"Scaling Laws for Reward Model Overoptimization\".) "
+                                   "The policy answers each synthetic task --n times; the reward model scores every "
+                                   "answer (the proxy reward) and the tasks' verifier grades it (the gold reward: "
+                                   "exact match, or unit tests in the sandbox). For n = 1, 2, 4, ..., --n it "
+                                   "estimates, from those same samples and without bias, the expected proxy and gold "
+                                   "reward of best-of-n (keep the answer the reward model likes best of n), against "
+                                   "KL(best-of-n || policy) = log n - (n-1)/n nats. Over-optimization shows as gold "
+                                   "peaking and then falling while the proxy keeps rising. Writes to --out: "
+                                   "overopt.md (what the run shows, a table with 95% bootstrap intervals over "
+                                   "tasks), overopt.png (both rewards against sqrt KL), overopt.json and "
+                                   "samples.jsonl (every answer with its scores). Settings: --sampling.temperature=1.0 "
+                                   "--sampling.top_p=1.0 --sampling.max_tokens=64 --sampling.batch_tasks=4 "
+                                   "--score_batch=64 --resamples=2000. Cost grows with tasks x n: 120 tasks x 64 "
+                                   "answers take a few minutes on 2 CPU cores.")
+    p.add_argument("--policy", required=True, metavar="DIR|URL",
+                   help="the model that answers (usually the SFT model the reward model was trained from): " + lm_help)
+    p.add_argument("--rm", required=True, metavar="DIR", help="the reward model: a run directory of `athanor rm`")
+    p.add_argument("--tasks", default="120", metavar="N|FILE",
+                   help="synthetic tasks: a count N = the held-out split of `athanor synth tasks --seed SEED "
+                        "--heldout N` (the held-out tasks of an SFT run of that seed, which `athanor pairs verifier "
+                        "--tasks COUNT` never uses), or a task file such as an SFT run's data/heldout.jsonl "
+                        "(default 120)")
+    p.add_argument("--n", type=int, default=64,
+                   help="answers sampled per task: the largest n of best-of-n (default 64)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the results into")
+    p.add_argument("--model-name", default="", metavar="NAME", help="model name to request from an endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tasks and of the sampling (default 0)")
+    _add_force_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_overopt)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
                                                                          "merge` folds a trained low-rank adapter "

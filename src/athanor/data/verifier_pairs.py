@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -46,14 +46,18 @@ def answer_seed(seed: int, task_id: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{task_id}:{index}".encode()).digest()[:4], "big")
 
 
-def tasks_from_spec(spec: str, seed: int, heldout: int) -> list[Task]:
+def tasks_from_spec(spec: str, seed: int, heldout: int, split: Literal["train", "heldout"] = "train"
+                    ) -> list[Task]:
     """`spec` is a task file (JSONL of `athanor synth tasks`) or a count N: the train split of
     `make_splits(N, heldout, seed)`, so that no task is a held-out task of that seed (nor a near
-    duplicate of one, given the same `heldout` as the SFT run)."""
+    duplicate of one, given the same `heldout` as the SFT run). With `split="heldout"` a count N is
+    the first N held-out tasks of that seed instead (whether a task is held out depends on its key
+    and the seed alone, so these are the held-out tasks of an SFT run of that seed with N of them):
+    tasks that pairs made from a count never include, for measuring what was trained on those pairs."""
     if spec.isdigit():
         if int(spec) < 1:
             raise AthanorError("need at least one task", field="tasks")
-        return make_splits(int(spec), heldout, seed)[0]
+        return make_splits(int(spec), heldout, seed)[0] if split == "train" else make_splits(0, int(spec), seed)[1]
     if not Path(spec).is_file():
         raise AthanorError("neither a task count nor a task file", path=spec)
     tasks = read_tasks(spec)
