@@ -19,6 +19,8 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "speedrun.yaml"
 # Every stage's size knob, turned down (recipes/speedrun.yaml lists them with their defaults).
 SMALL = ["--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=20", "--train.eval_tokens=32768",
          "--samples.max_tokens=16", "--sft.heldout_tasks=40",
+         "--preference.pair_tasks=120", "--preference.k=4", "--preference.dpo_steps=10", "--preference.rm_steps=5",
+         "--preference.judge_pairs=4", "--preference.eval_samples=2",
          "--draft.steps=30", "--draft.prompts=64", "--draft.new_tokens=32", "--draft.held_out_prompts=8",
          "--serving.max_tokens=16", "--serving.speculative_prompts=2",
          "--quant.types=Q8_0,Q4_K_M,Q4_0,Q2_K", "--quant.eval_tokens=512", "--quant.imatrix_tokens=512",
@@ -46,7 +48,7 @@ def test_recipe_lists_every_stage_knob_with_todays_default(tmp_path: Path) -> No
     (tmp_path / "mine.yaml").write_text(text + "".join(line[2:] + "\n" for line in stages.splitlines()))
     recipe = load_recipe(SpeedrunRecipe, tmp_path / "mine.yaml", [])
     assert to_dict(recipe) == to_dict(SpeedrunRecipe()) == to_dict(load_recipe(SpeedrunRecipe, RECIPE, []))
-    assert {"samples", "sft", "draft", "serving", "quant"} <= set(to_dict(recipe))
+    assert {"samples", "sft", "preference", "draft", "serving", "quant"} <= set(to_dict(recipe))
     with pytest.raises(AthanorError, match="unknown recipe key 'draft.stepz'"):
         load_recipe(SpeedrunRecipe, None, ["--draft.stepz=5"])
 
@@ -57,7 +59,8 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     r = _speedrun(out)
     report = (out / "report.md").read_text()
     for heading in ["## Held-out result", "## The models this run made", "## Stages and timings", "## Loss curve",
-                    "## Samples", "## Post-training: SFT", "## Serving", "## Quantization", "## Settings"]:
+                    "## Samples", "## Post-training: SFT", "## Post-training: preference", "## Serving",
+                    "## Quantization", "## Settings"]:
         assert heading in report
     result = json.loads((out / "eval.json").read_text())
     assert result["val_bpb"] < 0.9 * result["unigram_bpb"]
@@ -72,6 +75,16 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     for plot in ["sft/loss.png", "draft/loss.png"]:
         assert f"({plot})" in report and (out / plot).stat().st_size > 10_000
 
+    # The preference stage: pairs from the SFT model and DPO on them, or a report of why there were none.
+    section = report[report.index("## Post-training: preference"):report.index("## Serving")]
+    if (out / "preference" / "pairs.jsonl").exists():
+        pairs = (out / "preference" / "pairs.jsonl").read_text().splitlines()
+        assert f"gave {len(pairs)} pairs" in section and "DPO minus SFT, paired by task" in section
+        assert json.loads((out / "dpo" / "eval.json").read_text())["steps"] == 10
+        assert "(dpo/loss.png)" in report and (out / "dpo" / "loss.png").stat().st_size > 10_000
+    else:
+        assert "No pairs" in section
+
     # The knobs reached their stages.
     assert json.loads((out / "draft" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
     scorecard = next(out.rglob("scorecard.json"))
@@ -80,17 +93,18 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
 
     # The console: one line per stage as it starts, bars and evaluation lines named after their stage,
     # and the headline numbers at the end.
-    for n, stage in enumerate(["pre-training", "samples", "SFT", "serving", "quantization"], start=1):
-        assert re.search(rf"^\[{n}/5\] {stage}", r.stdout, re.M), r.stdout
+    for n, stage in enumerate(["pre-training", "samples", "SFT", "preference", "serving", "quantization"], start=1):
+        assert re.search(rf"^\[{n}/6\] {stage}", r.stdout, re.M), r.stdout
     assert "pretrain step 40: val_loss" in r.stdout
     for bar in ["pretrain", "sft", "draft teacher", "draft"]:
         assert re.search(rf"(^|\r){bar}: +\d+%", r.stderr, re.M), bar
     assert not re.search(r"(^|\r)train: ", r.stderr, re.M)  # no anonymous bar left
-    tail = r.stdout.strip().splitlines()[-4:]
+    tail = r.stdout.strip().splitlines()[-5:]
     assert tail[0].startswith(f"held-out: {result['val_bpb']:.3f} bits/byte vs {result['unigram_bpb']:.3f}")
     assert tail[1].startswith(f"SFT: answers {sft['sft']['answer_rate']:.0%}")
-    assert tail[2].startswith("serving: ") and "tok/s" in tail[2]
-    assert tail[3] == f"report: {out / 'report.md'}"
+    assert tail[2].startswith("DPO: ")
+    assert tail[3].startswith("serving: ") and "tok/s" in tail[3]
+    assert tail[4] == f"report: {out / 'report.md'}"
     for row in ["tokenizer", "token shards", "pre-training", "Post-training"]:
         assert "reused" not in _timing_row(report, row)
 

@@ -28,6 +28,7 @@ from athanor.serve.sampling import SamplingParams
 from athanor.serve.stage import ServingSettings, serving_stage
 from athanor.stage import Context, Section
 from athanor.train.draft import SpeedrunDraft
+from athanor.train.preference_stage import SpeedrunPreference
 from athanor.train.pretrain import PretrainRecipe, pretrain
 from athanor.train.sft import SpeedrunSFT
 
@@ -59,6 +60,7 @@ class SpeedrunRecipe(PretrainRecipe):
     out_dir: str = "runs/speedrun"
     samples: SamplesSettings = field(default_factory=SamplesSettings)
     sft: SpeedrunSFT = field(default_factory=SpeedrunSFT)
+    preference: SpeedrunPreference = field(default_factory=SpeedrunPreference)
     draft: SpeedrunDraft = field(default_factory=SpeedrunDraft)
     serving: ServingSettings = field(default_factory=ServingSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
@@ -94,9 +96,16 @@ def sft_stage(ctx: Context) -> Section:
     return speedrun_stage(ctx)
 
 
+def preference_stage(ctx: Context) -> Section:
+    from athanor.train.preference_stage import speedrun_stage
+
+    return speedrun_stage(ctx)
+
+
 # The order of the report: what pre-training made, post-training, then serving and quantizing the base.
 STAGES: list[tuple[str, Callable[[Context], Section]]] = [
     ("samples from the base model", samples_stage), ("SFT: fine-tune on synthetic tasks", sft_stage),
+    ("preference tuning: verifier pairs, DPO, reward model, judge", preference_stage),
     ("serving: distill a speculative draft, measure decoding", serving_stage),
     ("quantization damage scorecard", quant_stage)]
 
@@ -139,14 +148,18 @@ def speedrun(recipe: SpeedrunRecipe, show_progress: bool = True) -> Path:
 
 
 def headline(ctx: Context) -> list[str]:
-    """The three numbers a newcomer looks for: base model quality, what SFT bought, serving speed."""
+    """The numbers a newcomer looks for: base model quality, what SFT and DPO bought, serving speed."""
     r, sft, serving = ctx.pretrain, ctx.results["sft"], ctx.results["serving"]
+    pref = ctx.results["preference"]
     return [
         f"held-out: {r['val_bpb']:.3f} bits/byte vs {r['unigram_bpb']:.3f} for the unigram baseline "
         f"({r['val_bpb'] / r['unigram_bpb']:.0%}), on {r['val_tokens']:,} tokens",
         f"SFT: answers {sft['answer_rate']['sft']:.0%} of held-out tasks (base {sft['answer_rate']['base']:.0%}), "
         f"passes {sft['pass_rate']['sft']:.0%} (base {sft['pass_rate']['base']:.0%}); chat with it: "
         f"athanor chat {sft['run_dir']}",
+        (f"DPO: sampled pass@1 {pref['sampled_pass']['SFT']:.1%} -> {pref['sampled_pass']['DPO']:.1%}, greedy "
+         f"{pref['greedy_pass']['SFT']:.1%} -> {pref['greedy_pass']['DPO']:.1%} on {pref['heldout_tasks']} held-out "
+         "tasks (intervals in the report)") if pref else "DPO: no pairs (see the report)",
         f"serving: {serving['decode_tok_s']:,.0f} tok/s decode at batch 1, speculative decoding "
         f"{serving['speculative_speedup']:.2f}x",
     ]
@@ -194,6 +207,11 @@ def render_report(ctx: Context, sections: list[Section], total_s: float) -> str:
         markdown_table([
             {"directory": f"`{run / 'sft'}`", "what": "**the chat model** (the base after SFT)",
              "use it": f"`athanor chat {run / 'sft'}`, or `athanor serve {run / 'sft'}` for the API and demo page"},
+            {"directory": f"`{run / 'dpo'}`", "what": "the chat model after DPO on verifier pairs",
+             "use it": f"`athanor chat {run / 'dpo'}`; compare with the SFT model in Post-training: preference"},
+            {"directory": f"`{run / 'rm'}`", "what": "a reward model (scores a prompt and answer; transformers "
+             "loads it as a sequence classifier)", "use it": f"`athanor overopt --policy {run / 'sft'} --rm "
+             f"{run / 'rm'} --out OUT`"},
             {"directory": f"`{run}`", "what": "the pre-trained base model (continues text; does not chat)",
              "use it": f"`athanor generate {run} --prompt \"def \"`, `athanor serve {run}`"},
             {"directory": f"`{run / 'draft'}`", "what": "a small draft distilled from the base, for speculative "
@@ -209,7 +227,8 @@ def render_report(ctx: Context, sections: list[Section], total_s: float) -> str:
         "",
         "## Loss curves",
         "",
-        "Pre-training (below), [SFT](sft/loss.png), [draft distillation](draft/loss.png).",
+        "Pre-training (below), [SFT](sft/loss.png), [DPO](dpo/loss.png), [reward model](rm/loss.png), "
+        "[draft distillation](draft/loss.png).",
         "",
         "![loss curve](loss.png)",
         "",

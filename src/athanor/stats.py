@@ -22,3 +22,21 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     center = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-item values with a normal-approximation interval,
+    mean +- z s / sqrt(n), s the sample standard deviation.
+
+    For rates measured per task (a task's share of passing samples, or the paired difference of two
+    models' results on the same task) the task is the unit that was sampled, so the interval is taken
+    over tasks, not over the samples within them, which are not independent of each other. Pairing the
+    two models on the same tasks removes the spread in task difficulty from the difference's interval.
+    """
+    n = len(values)
+    if n < 2:
+        raise ValueError("an interval needs at least two items")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
