@@ -102,7 +102,7 @@ def test_a_run_resumed_mid_rollout_matches_one_run_straight(tmp_path: Path, toke
     b = {r["step"]: r for r in _rollouts(tmp_path / "b" / "ppo")}  # also step 6, where the first part ended
     same = lambda r: {k: v for k, v in r.items() if k not in ("loss", "tok_per_s")}  # noqa: E731 (loss: a window mean)
     assert len(a) == 3 and all(same(r) == same(b[r["step"]]) for r in a)
-    assert a[-1]["kl_coef"] < a[0]["kl_coef"]  # the controller moved: its state is resumed too
+    assert len({r["kl_coef"] for r in a}) > 1  # the controller moved: its state is resumed too
     for p, q in zip(load_pretrained(tmp_path / "a" / "ppo").parameters(),
                     load_pretrained(tmp_path / "b" / "ppo").parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
