@@ -133,3 +133,13 @@ def test_bad_reward_models_are_one_line_errors(tmp_path: Path, tokenizer_dir: Pa
 def _with_reward(recipe: PPORecipe, reward: Path) -> PPORecipe:
     recipe.reward = str(reward)
     return recipe
+
+
+def test_the_shipped_recipe_loads_and_splits_into_whole_rollouts() -> None:
+    from athanor.config import load_recipe
+    from athanor.train.ppo import check_sizes
+
+    recipe = load_recipe(PPORecipe, Path(__file__).parents[1] / "recipes" / "ppo.yaml", [])
+    check_sizes(recipe.ppo, recipe.train)
+    steps_per_rollout = recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch // recipe.train.batch_size
+    assert recipe.train.max_steps % steps_per_rollout == 0 and recipe.train.log_every == steps_per_rollout

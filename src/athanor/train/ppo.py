@@ -128,7 +128,8 @@ def load_tasks(d: PPODataConfig) -> tuple[list[Task], list[Task]]:
     return train, held
 
 
-def _check(cfg: PPOConfig, train: TrainConfig) -> None:
+def check_sizes(cfg: PPOConfig, train: TrainConfig) -> None:
+    """Each optimizer step is one whole minibatch of one rollout."""
     minibatch = train.batch_size * train.grad_accum
     if cfg.rollout_batch < 1 or cfg.rollout_batch % minibatch:
         raise AthanorError(f"must be a multiple of train.batch_size x train.grad_accum = {minibatch} (one "
@@ -144,7 +145,7 @@ class PPOStage:
                  tasks: list[Task], heldout: list[Task], reward: Reward, gold: Reward | None, cfg: PPOConfig,
                  train: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> None:
         """`reference` None: the policy with its LoRA adapters off. `gold` None: no gold reward logged."""
-        _check(cfg, train)
+        check_sizes(cfg, train)
         self.policy, self.reference, self.tok = policy, reference, tok
         self.tasks, self.heldout, self.reward, self.gold, self.cfg = tasks, heldout, reward, gold, cfg
         self.batch_size, self.seed, self.device = train.batch_size, train.seed, device
