@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base, tiny_model_config
+from conftest import tiny_base, tiny_model_config, toy_pairs_file
 
 from athanor.cli import main
 from athanor.data.synth import Task
@@ -143,3 +143,22 @@ def test_the_shipped_recipe_loads_and_splits_into_whole_rollouts() -> None:
     check_sizes(recipe.ppo, recipe.train)
     steps_per_rollout = recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch // recipe.train.batch_size
     assert recipe.train.max_steps % steps_per_rollout == 0 and recipe.train.log_every == steps_per_rollout
+
+
+def test_the_reward_model_scores_what_it_was_trained_on(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A reply is scored as `athanor rm` saw its pairs (prompt + answer + end of turn, train/rm.py's rows),
+    and a batch scores each row as alone."""
+    from athanor.data.preferences import encode_pair, load_pairs
+    from athanor.rl.rewards import RewardModelScore
+
+    tok = Tokenizer.load(tokenizer_dir)
+    pair = load_pairs(toy_pairs_file(tmp_path / "p.jsonl", 1))[0]
+    encoded = encode_pair(tok, pair)
+    task = Task("t", "arithmetic", pair.prompt[0]["content"], "", "k")
+    torch.manual_seed(0)
+    score = RewardModelScore(RewardModel(tiny_model_config(pad_token_id=tok.pad_id)), tok, batch_size=2)
+    replies = [pair.chosen[0]["content"], pair.rejected[0]["content"] + " and more"]
+    assert score.rows([task], replies[:1]) == [encoded.prompt_ids + encoded.chosen_ids]
+    together = score([task, task], replies)
+    alone = [score([task], [r])[0] for r in replies]
+    assert together == pytest.approx(alone, abs=1e-5)

@@ -57,11 +57,14 @@ class RewardModelScore:
             p.requires_grad_(False)
         return cls(model, tok, batch_size)
 
+    def rows(self, tasks: Sequence[Task], replies: Sequence[str]) -> list[list[int]]:
+        """The token ids scored: each task's prompt as a user turn, the reply as the assistant's."""
+        return [self.tok.render_chat([{"role": "user", "content": t.prompt}, {"role": "assistant", "content": r}])[0]
+                for t, r in zip(tasks, replies, strict=True)]
+
     @torch.no_grad()
     def __call__(self, tasks: Sequence[Task], replies: Sequence[str]) -> list[float]:
-        rows = [self.tok.render_chat([{"role": "user", "content": t.prompt},
-                                      {"role": "assistant", "content": r}])[0] for t, r in zip(tasks, replies,
-                                                                                              strict=True)]
+        rows = self.rows(tasks, replies)
         limit = self.model.config.max_position_embeddings
         if any(len(r) > limit for r in rows):
             raise AthanorError(f"a prompt and reply are longer than the reward model's {limit} positions; "
