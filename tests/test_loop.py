@@ -84,6 +84,18 @@ def test_grad_accumulation_is_token_weighted(tmp_path: Path) -> None:
     assert (naive.model.model.embed_tokens.weight.grad - emb).abs().max() > 10 * 1e-7
 
 
+def test_a_step_changes_the_weights_version(tmp_path: Path) -> None:
+    """Caches built from the weights (the engine's fast path, LocalLM) rebuild when `weights_version`
+    changes: an optimizer step must change it, or a stage that samples between steps samples stale weights."""
+    from athanor.model.llama import weights_version
+
+    x = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    trainer = _trainer(tmp_path, [(x, x)])
+    before = weights_version(trainer.model)
+    trainer.train_step()
+    assert weights_version(trainer.model) != before
+
+
 def test_all_zero_loss_mask_is_an_error(tmp_path: Path) -> None:
     x = torch.randint(0, 512, (2, 8))
     with pytest.raises(AthanorError, match="mask"):

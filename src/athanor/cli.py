@@ -289,6 +289,25 @@ def cmd_rm(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"done (reward model, {result['train_pairs']} pairs): {held}-> {recipe.out_dir}")
 
 
+def cmd_ppo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.train.ppo import PPORecipe, ppo
+
+    reward = [f"--reward={args.reward}"] if args.reward else []
+    recipe = _load_finetune_recipe(PPORecipe, args, overrides, *reward)
+    result = ppo(recipe, show_progress=not args.quiet)
+
+    def line(stats: dict | None) -> str:
+        if not stats:
+            return "-"
+        gold = f", gold {stats['gold']:.0%}" if "gold" in stats else ""
+        return f"reward {stats['reward']:+.3f}{gold}, KL {stats['kl']:.2f}"
+
+    held = (f"; held-out greedy: reward {result['val_reward']:+.3f}"
+            + (f", gold {result['val_gold']:.0%}" if "val_gold" in result else "")) if "val_reward" in result else ""
+    print(f"done ({result['rollouts']} rollouts): first {line(result['first_rollout'])}; last "
+          f"{line(result['last_rollout'])}{held} -> {recipe.out_dir}")
+
+
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
@@ -708,6 +727,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (and the score head) instead of "
                                                        "every weight")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("ppo", help="RLHF: PPO against a reward model (or the tasks' verifier)",
+                       description="Tune a model (--base RUN_DIR, usually an SFT model) with PPO, as InstructGPT: "
+                                   "it answers task prompts (synthetic verifiable tasks, or --data TASK_FILE ... "
+                                   "from `athanor synth tasks`), a reward scores each answer (--reward RM_DIR: a "
+                                   "reward model from `athanor rm`; or --reward verifier: 1 if the answer is right), "
+                                   "and the model moves toward better-scored answers while a per-token KL penalty "
+                                   "keeps it near where it started. A value head on the model estimates returns "
+                                   "(GAE); the policy and value losses are clipped. Every rollout logs to "
+                                   "metrics.jsonl: reward, gold (the verifier's pass rate, beside a reward model's "
+                                   "score), kl, kl_coef, entropy, clip_fraction, value_loss, explained_variance, "
+                                   "response_length. Writes a run directory like `athanor sft` (the value head is "
+                                   "not saved). Re-running on the same --out resumes. The formulas: "
+                                   "athanor/rl/ppo.py.\n\n"
+                                   + overrides_help("data, ppo, lora, train (defaults in athanor/train/ppo.py)",
+                                                    "--ppo.kl_coef=0.1 --ppo.adaptive_kl=true --train.max_steps=128"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the model to tune (athanor run dir or HF checkpoint)")
+    p.add_argument("--reward", metavar="RM_DIR|verifier", help="a reward model's run directory (`athanor rm`), or "
+                                                                "'verifier' to reward correct answers (default "
+                                                                "runs/rm)")
+    p.add_argument("--data", nargs="*", metavar="FILE", help="task files to prompt with (default: synthetic tasks)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight (the reference "
+                                                       "is then the base with the adapters off: no second copy)")
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("overopt", help="reward-model over-optimization: best-of-n by a reward model, graded by "
                                        "the verifier",

@@ -16,8 +16,10 @@ instead trained whole beside them and saved with the adapter, as PEFT's `modules
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write, atomic_write_text
 
 PEFT_PREFIX = "base_model.model."
-HEADS = ("lm_head", "score")  # output heads: never adapted (a score head is trained whole, see above)
+# Output heads: never adapted (a score head, or PPO's value head, is trained whole, see above).
+HEADS = ("lm_head", "score", "v_head")
 
 
 @dataclass
@@ -106,6 +109,21 @@ def apply_lora(model: nn.Module, config: LoraConfig, seed: int | None = None,
         model.get_submodule(name).requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return LoraInfo(config, targets, trainable, list(modules_to_save))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base: every adapter's update scaled to 0 inside the block (PEFT's
+    `disable_adapter`), so a frozen reference needs no second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    scales = [m.scaling for m in layers]
+    for m in layers:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, scales, strict=True):
+            m.scaling = s
 
 
 def adapter_state(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

@@ -41,11 +41,13 @@ def maybe_apply_lora(model: nn.Module, settings: LoraSettings, seed: int,
 
 
 def save_trained(trainer: Trainer, base: str, lora: LoraInfo | None, out_dir: Path, tok: Tokenizer,
-                 info: DistInfo, skeleton: Callable[[LlamaModel], LlamaModel] | None = None) -> LlamaModel | None:
+                 info: DistInfo, skeleton: Callable[[LlamaModel], LlamaModel] | None = None,
+                 unwrap: Callable[[LlamaModel], LlamaModel] | None = None) -> LlamaModel | None:
     """Write the trained weights into `out_dir` as a model directory with the tokenizer; with LoRA also
     `adapter/`, and the model merged. Every rank calls it (gathering an FSDP model's full weights is
     a collective); the main rank writes and gets the model back, the others None. `skeleton` turns
-    the base as loaded into the trained model's shape (a reward model's head) before the weights go in."""
+    the base as loaded into the trained model's shape (a reward model's head) before the weights go in;
+    `unwrap` the trained model into what is saved (PPO's policy without its value head)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(trainer.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -61,6 +63,8 @@ def save_trained(trainer: Trainer, base: str, lora: LoraInfo | None, out_dir: Pa
         export = merge_lora(export)
     else:
         export.load_state_dict(full)
+    if unwrap is not None:
+        export = unwrap(export)
     save_pretrained(export, out_dir)
     tok.save(out_dir, model_max_length=export.config.max_position_embeddings)
     return export

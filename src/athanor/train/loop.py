@@ -335,6 +335,10 @@ class Trainer:
             return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "skipped": 1.0}
         self.bad_steps = 0
         self.optimizer.step()
+        # The fused AdamW kernel writes the weights without bumping their version counters (torch
+        # 2.13), which is how caches built from the weights (the engine's fast path, LocalLM's engine)
+        # see that they changed: a stage that samples between steps (PPO) would sample a stale model.
+        torch.autograd.graph.increment_version([p for p in self.wrapped.parameters() if p.requires_grad])
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens_seen += int(total_tokens)
         return {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, **extra}
