@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,11 @@ from athanor.data.corpus import is_held_out
 from athanor.data.preferences import EncodedPair, encode_pair, load_pairs
 from athanor.data.sampler import EpochSampler
 from athanor.errors import AthanorError
-from athanor.io import atomic_write_text
 from athanor.model.hf import load_pretrained
 from athanor.model.linear_ce import IGNORE_INDEX
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
-from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_trained
+from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_run
 from athanor.train.loop import TrainConfig, Trainer
 from athanor.train.preference_loss import Logps, PreferenceLossConfig, preference_loss, sequence_logps
 
@@ -197,10 +195,7 @@ def dpo(recipe: DPORecipe, show_progress: bool = True) -> dict[str, Any]:
                                   "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs),
                                   "steps": cfg.max_steps, "resumed_from_step": trainer.resumed_from,
                                   **heldout}
-        if save_trained(trainer, recipe.base, lora_info, out_dir, tok, info) is not None:
-            if lora_info is not None:
-                result["trainable_parameters"] = lora_info.trainable
-            atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        save_run(trainer, recipe.base, lora_info, out_dir, tok, info, result)
         return result
     finally:
         dist.teardown()

@@ -4,12 +4,15 @@ the transformers layout, merged when LoRA trained it, with the adapter beside it
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from athanor.io import atomic_write_text
 from athanor.model.hf import load_pretrained, save_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.model.lora import LoraConfig, LoraInfo, apply_lora, merge_lora, save_adapter
@@ -68,3 +71,13 @@ def save_trained(trainer: Trainer, base: str, lora: LoraInfo | None, out_dir: Pa
     save_pretrained(export, out_dir)
     tok.save(out_dir, model_max_length=export.config.max_position_embeddings)
     return export
+
+
+def save_run(trainer: Trainer, base: str, lora: LoraInfo | None, out_dir: Path, tok: Tokenizer, info: DistInfo,
+             result: dict[str, Any], skeleton: Callable[[LlamaModel], LlamaModel] | None = None,
+             unwrap: Callable[[LlamaModel], LlamaModel] | None = None) -> None:
+    """`save_trained`, then the run's `result` into eval.json (main rank), with LoRA's trainable count."""
+    if save_trained(trainer, base, lora, out_dir, tok, info, skeleton, unwrap) is not None:
+        if lora is not None:
+            result["trainable_parameters"] = lora.trainable
+        atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")

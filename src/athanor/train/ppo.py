@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +48,6 @@ from athanor.data.sampler import EpochSampler
 from athanor.data.synth import KINDS, Task, make_splits, read_tasks
 from athanor.data.verifier_pairs import answer_seed
 from athanor.errors import AthanorError
-from athanor.io import atomic_write_text
 from athanor.lm.local import LocalLM
 from athanor.model.hf import load_pretrained
 from athanor.model.lora import adapters_disabled
@@ -58,7 +56,7 @@ from athanor.rl.rewards import Reward, RewardModelScore, verifier_reward
 from athanor.serve.sampling import SamplingParams
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
-from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_trained
+from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_run
 from athanor.train.loop import TrainConfig, Trainer, autocast_dtype
 from athanor.train.policy_value import PolicyWithValue
 
@@ -314,11 +312,8 @@ def ppo(recipe: PPORecipe, show_progress: bool = True, reward: Reward | None = N
                                   "last_rollout": stage.history[-1] if stage.history else None, **heldout_eval}
         # The adapter saved is the policy's alone: the value head is a training device, dropped from the model.
         saved = dataclasses.replace(lora_info, modules_to_save=[]) if lora_info is not None else None
-        if save_trained(trainer, recipe.base, saved, out_dir, tok, info, PolicyWithValue.from_language_model,
-                        lambda m: m.language_model()) is not None:
-            if lora_info is not None:
-                result["trainable_parameters"] = lora_info.trainable
-            atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        save_run(trainer, recipe.base, saved, out_dir, tok, info, result, PolicyWithValue.from_language_model,
+                 lambda m: m.language_model())
         return result
     finally:
         dist.teardown()

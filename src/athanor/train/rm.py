@@ -16,7 +16,6 @@ is preferred (train/reward_model.py has the model and the loss).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,13 @@ from athanor.config import save_yaml
 from athanor.data.preferences import EncodedPair
 from athanor.data.sampler import EpochSampler
 from athanor.errors import AthanorError
-from athanor.io import atomic_write_text
 from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.stats import wilson_interval
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
 from athanor.train.dpo import PreferenceDataConfig, load_encoded, preference_train_config
-from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_trained
+from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_run
 from athanor.train.loop import TrainConfig, Trainer
 from athanor.train.reward_model import RewardLossConfig, RewardModel, reward_loss
 
@@ -143,10 +141,7 @@ def rm(recipe: RMRecipe, show_progress: bool = True) -> dict[str, Any]:
                                   "steps": cfg.max_steps, "resumed_from_step": trainer.resumed_from, **heldout}
         if heldout:
             result["val_accuracy_interval"] = "Wilson score interval, 95%"
-        if save_trained(trainer, recipe.base, lora_info, out_dir, tok, info, with_score_head) is not None:
-            if lora_info is not None:
-                result["trainable_parameters"] = lora_info.trainable
-            atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+        save_run(trainer, recipe.base, lora_info, out_dir, tok, info, result, with_score_head)
         return result
     finally:
         dist.teardown()
