@@ -82,6 +82,7 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
         assert f"gave {len(pairs)} pairs" in section and "DPO minus SFT, paired by task" in section
         assert json.loads((out / "dpo" / "eval.json").read_text())["steps"] == 10
         assert "(dpo/loss.png)" in report and (out / "dpo" / "loss.png").stat().st_size > 10_000
+        assert f"athanor overopt --policy {out / 'sft'} --rm {out / 'rm'}" in section
     else:
         assert "No pairs" in section
 

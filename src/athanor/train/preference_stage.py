@@ -147,12 +147,12 @@ def speedrun_stage(ctx: Context) -> Section:
               "greedy_pass": {k: v["pass_rate"] for k, v in greedy.items()},
               "sampled_pass": {k: sum(v) / len(v) for k, v in sampled.items()}}
     ctx.results["preference"] = result
-    return Section(TITLE, _markdown(knobs, result, greedy, sampled, rm_result, judge_report, len(tasks)),
+    return Section(TITLE, _markdown(knobs, result, greedy, sampled, rm_result, judge_report, len(tasks), run, sft_dir),
                    note=resume_note(dpo_result["resumed_from_step"], knobs.dpo_steps))
 
 
 def _markdown(knobs: SpeedrunPreference, result: dict[str, Any], greedy: dict[str, dict], sampled: dict[str, list],
-              rm_result: dict[str, Any], judge: dict[str, Any] | None, n_tasks: int) -> str:
+              rm_result: dict[str, Any], judge: dict[str, Any] | None, n_tasks: int, run: Path, sft_dir: Path) -> str:
     n = result["heldout_tasks"]
     p = result["pairs"]
     rows = []
@@ -202,6 +202,13 @@ def _markdown(knobs: SpeedrunPreference, result: dict[str, Any], greedy: dict[st
                   f"{judge['unparsed_verdicts']} verdicts unparsed); of its consistent verdicts {agrees}. "
                   "A model this small is no judge yet; `athanor pairs judge --judge URL` takes any "
                   "OpenAI-compatible endpoint.", ""]
-    lines.append("![DPO loss curve](dpo/loss.png)")
+    lines += ["**Over-optimization and PPO**, each a few minutes on 2 cores, on this run's models: best-of-n by the "
+              "reward model against the verifier's gold reward, as KL from the SFT model grows (Gao et al. 2022; "
+              "writes overopt.md with its plot and what it shows), and RLHF with PPO against the same reward model "
+              "(proxy and gold reward per rollout in its metrics.jsonl):", "", "```bash",
+              f"athanor overopt --policy {sft_dir} --rm {run / 'rm'} --tasks {sft_dir / 'data' / 'heldout.jsonl'} "
+              f"--out {run / 'overopt'}",
+              f"athanor ppo --recipe recipes/ppo.yaml --base {sft_dir} --reward {run / 'rm'} --out {run / 'ppo'}",
+              "```", "", "![DPO loss curve](dpo/loss.png)"]
     return "\n".join(lines)
 
