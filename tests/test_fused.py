@@ -100,8 +100,10 @@ def _plain_token_logprobs(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     return torch.where(t != -100, picked, 0.0)
 
 
-@pytest.mark.parametrize("train_weight", [True, False])  # full fine-tuning; LoRA (the head frozen)
-def test_linear_token_logprobs_equal_log_softmax_with_per_row_gradients(train_weight: bool) -> None:
+# full fine-tuning (the head's gradient factor kept from forward, or recomputed in backward); LoRA (head frozen)
+@pytest.mark.parametrize(("train_weight", "keep_elements"), [(True, 2**26), (True, 0), (False, 2**26)])
+def test_linear_token_logprobs_equal_log_softmax_with_per_row_gradients(train_weight: bool,
+                                                                         keep_elements: int) -> None:
     torch.manual_seed(0)
     h = torch.randn(23, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=train_weight)
@@ -109,10 +111,10 @@ def test_linear_token_logprobs_equal_log_softmax_with_per_row_gradients(train_we
     t[::4] = -100
     t[:3] = -100  # ignored rows in a run, and chunks that hold different numbers of scored rows
     # A different gradient on every row, as DPO gives each sequence its own weight.
-    _same(lambda h, *w_: linear_token_logprobs(h, w_[0] if w_ else w, t, chunk=7),
+    _same(lambda h, *w_: linear_token_logprobs(h, w_[0] if w_ else w, t, chunk=7, keep_elements=keep_elements),
           lambda h, *w_: _plain_token_logprobs(h @ (w_[0] if w_ else w).t(), t),
           [h, w] if train_weight else [h], [torch.randn(23, dtype=h.dtype)])
-    assert gradcheck(lambda h, w: linear_token_logprobs(h, w, t, chunk=7), (h, w))
+    assert gradcheck(lambda h, w: linear_token_logprobs(h, w, t, chunk=7, keep_elements=keep_elements), (h, w))
     with torch.no_grad():  # evaluation: the same numbers
         torch.testing.assert_close(linear_token_logprobs(h, w, t), _plain_token_logprobs(h @ w.t(), t))
 
