@@ -45,7 +45,14 @@ def test_malformed_yaml_names_line(tmp_path: Path) -> None:
 
 
 def test_recipes_in_repo_are_valid() -> None:
+    """Each shipped recipe loads as the recipe of its command (named after it), the rest as pre-training's."""
+    from athanor.speedrun import SpeedrunRecipe
+    from athanor.train.dpo import DPORecipe
+    from athanor.train.ppo import PPORecipe
+    from athanor.train.rm import RMRecipe
+
+    commands = {"speedrun": SpeedrunRecipe, "dpo": DPORecipe, "rm": RMRecipe, "ppo": PPORecipe}
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-    assert recipes
+    assert {f.stem for f in recipes} >= set(commands)
     for f in recipes:
-        load_recipe(PretrainRecipe, f, [])
+        load_recipe(commands.get(f.stem, PretrainRecipe), f, [])
