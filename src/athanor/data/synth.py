@@ -20,6 +20,7 @@ import hashlib
 import json
 import random
 import re
+import secrets
 import string
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -294,8 +295,19 @@ def normalize_answer(text: str) -> str:
     return text.strip().strip(string.whitespace + ".").strip()
 
 
+# Solution and tests run as one program, so its exit status alone cannot tell "the asserts passed"
+# from "the solution exited (sys.exit(0), os._exit(0), an atexit hook) before they ran". The program
+# reads a fresh random token from stdin before the solution's code runs, and prints it after the
+# last assert; only a run that ends by printing it passes. The token is in no file the solution can
+# read, only in the program's memory, which a solution must dig through on purpose (the audit's
+# introspection rules look for that).
+_READ_TOKEN = "import sys as _athanor_sys\n_athanor_token = _athanor_sys.stdin.readline()\ndel _athanor_sys\n"
+_PRINT_TOKEN = "print(_athanor_token, end='')\n"
+
+
 def grade(tasks: list[Task], replies: list[str]) -> list[bool]:
-    """Whether each reply solves its task: exact match, or the unit tests pass in the sandbox."""
+    """Whether each reply solves its task: exact match, or the unit tests pass in the sandbox
+    (and run to their end: see _READ_TOKEN)."""
     from athanor.rl.sandbox import Limits, run_python
 
     results = []
@@ -303,8 +315,10 @@ def grade(tasks: list[Task], replies: list[str]) -> list[bool]:
         if task.kind != "python":
             results.append(normalize_answer(reply) == normalize_answer(task.completion))
             continue
-        r = run_python(extract_code(reply) + "\n\n" + task.tests + "\n", Limits(wall_s=5, cpu_s=2, memory_mb=256))
-        results.append(r.ok)
+        token = secrets.token_hex(16) + "\n"
+        program = f"{_READ_TOKEN}\n{extract_code(reply)}\n\n{task.tests}\n{_PRINT_TOKEN}"
+        r = run_python(program, Limits(wall_s=5, cpu_s=2, memory_mb=256), stdin=token)
+        results.append(r.ok and r.stdout.endswith(token))
     return results
 
 
