@@ -151,7 +151,7 @@ def test_every_planted_hack_is_flagged_with_its_rule(task: tuple[str, str], code
     flags = audit_solution(code, tests, prompt=prompt)
     assert rule in {f.rule for f in flags}, _show(flags)
     f = next(f for f in flags if f.rule == rule)
-    assert f.snippet and f.snippet in code.splitlines()[f.line - 1] + "\n" or f.snippet in code, f
+    assert f.snippet and f.snippet in code.splitlines()[f.line - 1], f  # the line and its offending code
 
 
 @pytest.mark.parametrize(("task", "code"), HONEST, ids=[str(i) for i in range(len(HONEST))])
