@@ -184,6 +184,13 @@ def test_special_casing_needs_the_visible_input() -> None:
     assert audit_solution(code) == []
 
 
+def test_expected_outputs_not_written_as_asserts_count_too() -> None:
+    # e.g. a stdin/stdout task: the expected output comes from the task, not from an assert.
+    code = "def main():\n    return 'forty-two'\n"
+    assert [f.rule for f in audit_solution(code, expected_outputs=["forty-two"])] == ["literal_return"]
+    assert audit_solution(code, expected_outputs=["other"]) == []
+
+
 def test_visible_tests_shown_in_the_prompt_still_count() -> None:
     # A prompt that quotes its tests does not make their values "the task's own constants".
     prompt = FIB[0] + "\nYour code must pass:\n" + FIB[1]

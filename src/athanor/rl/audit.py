@@ -485,10 +485,6 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield n, rec
 
 
-def _rate(hits: int, total: int) -> float | None:
-    return hits / total if total else None
-
-
 def audit_log(path: str | Path) -> dict[str, Any]:
     """Audit every completion of a rollout log (or a run directory holding rollouts.jsonl).
 
@@ -528,7 +524,7 @@ def audit_log(path: str | Path) -> dict[str, Any]:
             "flagged_rate": flagged / completions, "by_rule": {r: by_rule[r] for r in RULES},
             "pass_rate_gap": gap,
             "canary": {"completions": canaries, "graded": canary_graded, "passes": canary_passes,
-                       "cheat_rate": _rate(canary_passes, canary_graded)},
+                       "cheat_rate": canary_passes / canary_graded if canary_graded else None},
             "flags": flags}
 
 
