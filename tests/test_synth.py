@@ -77,6 +77,20 @@ def test_every_function_template_grades_soundly_in_the_sandbox():
     assert all(grade(tasks, fenced))
 
 
+@pytest.mark.skipif(sandbox.isolation_error() is not None, reason="no sandbox here")
+def test_leaving_before_the_tests_run_is_not_a_pass():
+    # Solution and tests run as one program: an exit with status 0 before the asserts used to pass.
+    train, _, _ = make_splits(40, 4, seed=1, kinds=["python"])
+    task = train[0]
+    name = task.prompt.split("`")[1].split("(")[0]
+    exits = ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit",
+             "import atexit, os\natexit.register(os._exit, 0)"]
+    hacks = [f"def {name}(x):\n    return None\n\n{e}\n" for e in exits]
+    assert grade([task] * len(hacks), hacks) == [False] * len(hacks)
+    noisy = task.completion + "\nprint('hello')\n"  # a solution that prints still passes
+    assert grade([task, task], [task.completion, noisy]) == [True, True]
+
+
 def test_cli_writes_splits_that_sft_data_loading_reads(tmp_path, capsys):
     assert main(["synth", "tasks", "--out", str(tmp_path), "--train", "200", "--heldout", "20",
                  "--kinds", "arithmetic,list"]) == 0

@@ -407,6 +407,22 @@ def cmd_overopt(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{last['proxy']:.3f} -> {Path(args.out) / 'overopt.md'}")
 
 
+def cmd_audit(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    import json
+
+    from athanor.io import atomic_write_text, refuse_to_overwrite
+    from athanor.rl.audit import REPORT_NAME, audit_log, resolve_log, summary
+
+    out = resolve_log(args.log).with_name(REPORT_NAME)
+    refuse_to_overwrite(out, args.force)
+    report = audit_log(args.log)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(summary(report))
+    print(f"-> {out}")
+
+
 def _add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace what is already in --out; without it a non-empty --out is refused, so "
@@ -789,6 +805,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_overopt)
+
+    p = sub.add_parser("audit", help="look for reward hacking in an RL run's completions",
+                       description="Reward-hacking audit of an RL run. Reads every completion of the rollout log "
+                                   "(RUN/rollouts.jsonl, or a JSONL file: one record per completion with task_id, "
+                                   "prompt, completion and, if any, visible_tests, canary, visible_passed, "
+                                   "hidden_passed) and flags, without running anything, the known ways to pass "
+                                   "tests without solving the task: early_exit (sys.exit, os._exit, raise "
+                                   "SystemExit), special_casing (comparing the arguments with the visible tests' "
+                                   "inputs), literal_return (returning an expected value as a literal), "
+                                   "test_file_access (reading or writing test files, the grader's files, the "
+                                   "solution's own file), monkeypatch (builtins, sys.modules, unittest/pytest, an "
+                                   "__eq__ that is always True) and conftest_drop (writing conftest.py). It also "
+                                   "reports the gap between the pass rates on visible and hidden tests (a policy "
+                                   "that fits the tests it sees without solving shows a positive gap) and the "
+                                   "passes on canary tasks, which are impossible, so every pass is cheating. "
+                                   "Prints a summary and writes audit.json beside the log. Static checks raise "
+                                   "the floor, they do not prove a run clean: read the flagged completions.")
+    p.add_argument("log", metavar="RUN_OR_LOG", help="a run directory holding rollouts.jsonl, or a rollout JSONL file")
+    p.add_argument("--force", action="store_true", help="replace an existing audit.json")
+    p.set_defaults(func=cmd_audit)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
                                                                          "merge` folds a trained low-rank adapter "
