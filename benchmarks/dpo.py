@@ -177,6 +177,20 @@ def side(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def _without_mode(argv: list[str]) -> list[str]:
+    """The command line minus --mode and its value (`--mode full` or `--mode=full`): each side gets one mode."""
+    out, skip = [], False
+    for a in argv:
+        if not skip and not a.startswith("--mode="):
+            if a == "--mode":
+                skip = True
+                continue
+            out.append(a)
+        else:
+            skip = False
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["full", "lora", "both"], default="both")
@@ -212,8 +226,7 @@ def main() -> None:
         refs, losses = {}, {}
         for _ in range(args.rounds):
             for name in ("athanor", "trl"):
-                argv = [a for a in sys.argv[1:] if not a.startswith("--mode")]
-                cmd = [sys.executable, __file__, "--side", name, "--mode", mode, *argv]
+                cmd = [sys.executable, __file__, "--side", name, "--mode", mode, *_without_mode(sys.argv[1:])]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     sys.exit(f"{name} side failed:\n{proc.stderr[-3000:]}")
