@@ -65,13 +65,13 @@ SCALES: dict[str, tuple[str, ...]] = {"grpo": ("group", "batch"), "dr_grpo": ("n
 
 @dataclass
 class GRPOLossConfig:
-    """The loss's parameters, with TRL's GRPOConfig names and defaults (max_completion_length aside)."""
+    """The loss's parameters, with TRL's GRPOConfig names and defaults."""
 
     beta: float = 0.0  # weight of the k3 KL to the reference; 0: no reference needed
     epsilon: float = 0.2  # the ratio's lower clip, 1 - epsilon
     epsilon_high: float | None = None  # the upper clip, 1 + epsilon_high; None: epsilon (DAPO uses 0.28)
     loss_type: LossType = "dapo"
-    max_completion_length: int = 256  # dr_grpo's constant
+    max_completion_length: int = 512  # dr_grpo's constant
     importance_sampling_level: Literal["token", "sequence"] = "token"
     use_bias_correction_kl: bool = True  # multiply the KL term by the ratio
 
@@ -90,12 +90,9 @@ class GRPOLossConfig:
             raise AthanorError(f"must be at least 1, got {self.max_completion_length}", field="max_completion_length")
 
     @property
-    def epsilon_low(self) -> float:
-        return self.epsilon
-
-    @property
-    def upper(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+    def clip_range(self) -> tuple[float, float]:
+        """The ratio's clip interval, [1 - epsilon, 1 + epsilon_high]."""
+        return 1 - self.epsilon, 1 + (self.epsilon if self.epsilon_high is None else self.epsilon_high)
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -220,7 +217,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
         log_ratio = _sequence_mean(log_ratio, mask)[:, None]  # (B, 1), broadcast over the tokens
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
-    clipped = ratio.clamp(1 - config.epsilon_low, 1 + config.upper)
+    clipped = ratio.clamp(*config.clip_range)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     metrics = {}
     if config.beta != 0:
@@ -248,8 +245,9 @@ def _clip_metrics(ratio: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, co
     """Shares of tokens (of completions, at the sequence level) whose clip bound the objective: the
     ratio fell below 1 - eps_low with A < 0, or rose above 1 + eps_high with A > 0; and the smallest
     low / largest high share of a single completion."""
-    low = ((ratio < 1 - config.epsilon_low) & (adv < 0)).to(mask.dtype)
-    high = ((ratio > 1 + config.upper) & (adv > 0)).to(mask.dtype)
+    lo, hi = config.clip_range
+    low = ((ratio < lo) & (adv < 0)).to(mask.dtype)
+    high = ((ratio > hi) & (adv > 0)).to(mask.dtype)
     if ratio.shape[1] == 1:  # one ratio per completion: count completions that have tokens
         mask = (mask.sum(-1, keepdim=True) > 0).to(mask.dtype)
     low, high = low.expand_as(mask), high.expand_as(mask)
