@@ -19,7 +19,7 @@ from athanor.model.llama import LlamaModel
 from athanor.tokenizer import Tokenizer, TokenizerConfig
 from athanor.train.finetune import LoraSettings
 from athanor.train.loop import TrainConfig
-from athanor.train.ppo import PPOConfig, PPODataConfig, PPORecipe, ppo
+from athanor.train.ppo import PPOConfig, PPORecipe, TaskDataConfig, ppo
 from athanor.train.reward_model import RewardModel
 
 FIRST_HALF = set("abcdefghijklm")
@@ -35,7 +35,7 @@ def _recipe(tmp_path: Path, base: Path, steps: int, lora: bool = False, **ppo_kw
     cfg = dict(rollout_batch=32, ppo_epochs=2, max_new_tokens=4)
     cfg.update(ppo_kw)
     return PPORecipe(out_dir=str(tmp_path / "ppo"), base=str(base), reward="verifier",
-                     data=PPODataConfig(synth_train=64, synth_heldout=0, synth_kinds=["arithmetic"]),
+                     data=TaskDataConfig(synth_train=64, synth_heldout=0, synth_kinds=["arithmetic"]),
                      ppo=PPOConfig(**cfg), lora=LoraSettings(enabled=lora),
                      train=TrainConfig(max_steps=steps, batch_size=16, lr=1e-3, schedule="constant", warmup_steps=0,
                                        eval_every=0, eval_tokens=0, ckpt_every=0, log_every=4, weight_decay=0.0))

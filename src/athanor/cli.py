@@ -289,6 +289,22 @@ def cmd_rm(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"done (reward model, {result['train_pairs']} pairs): {held}-> {recipe.out_dir}")
 
 
+def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.train.grpo import GRPORecipe, grpo
+
+    recipe = _load_finetune_recipe(GRPORecipe, args, overrides)
+    result = grpo(recipe, show_progress=not args.quiet)
+    first, last = result["first_rollout"] or {}, result["last_rollout"] or {}
+    print(f"done ({result['rollouts']} generation batches): reward {first.get('reward', float('nan')):.3f} -> "
+          f"{last.get('reward', float('nan')):.3f}")
+    for how, h in result.get("heldout", {}).items():
+        interval = f" ({h['diff']:+.1%}, 95% interval {h['diff_low']:+.1%} to {h['diff_high']:+.1%})" \
+            if "diff" in h else ""
+        print(f"held-out {how} pass@1 on {h['tasks']} tasks: {h['before']:.1%} -> {h['after']:.1%}{interval}")
+    print(f"-> {recipe.out_dir} (every completion in {recipe.out_dir}/rollouts.jsonl: `athanor audit "
+          f"{recipe.out_dir}`)")
+
+
 def cmd_ppo(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.train.ppo import PPORecipe, ppo
 
@@ -769,6 +785,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight (the reference "
                                                        "is then the base with the adapters off: no second copy)")
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("grpo", help="RLVR: GRPO (and Dr. GRPO, RLOO, DAPO) on verifiable rewards",
+                       description="Tune a model (--base RUN_DIR, usually an SFT model) with GRPO on tasks whose "
+                                   "answers can be checked: synthetic tasks, or --data TASK_FILE ... from `athanor "
+                                   "synth tasks`. Each step the model answers a batch of prompts G times "
+                                   "(--grpo.num_generations); reward functions score every answer "
+                                   "(--grpo.reward_funcs: verifier = exact answer or unit tests run in the sandbox, "
+                                   "format, overlong; weights in --grpo.reward_weights, 0 logs without rewarding); "
+                                   "each answer's advantage is its reward against its group's (grpo, dr_grpo or rloo);"
+                                   " the loss is PPO's clipped ratio per token, aggregated as grpo, bnpo, dr_grpo or "
+                                   "dapo (--grpo.loss.loss_type), with an optional KL to the start (--grpo.loss.beta)."
+                                   " No value model. metrics.jsonl logs reward per function, frac_reward_zero_std, kl,"
+                                   " clip ratios, entropy and lengths; held-out pass@1 is measured before and after "
+                                   "(and every --train.eval_every steps). Every answer lands in rollouts.jsonl for "
+                                   "`athanor audit`. Re-running on the same --out resumes. The formulas: "
+                                   "athanor/rl/grpo.py.\n\n"
+                                   + overrides_help("data, grpo, lora, train (defaults in athanor/train/grpo.py)",
+                                                    "--grpo.num_generations=16 --grpo.loss.beta=0.04 "
+                                                    "--train.max_steps=128"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the model to tune (athanor run dir or HF checkpoint)")
+    p.add_argument("--data", nargs="*", metavar="FILE", help="task files to prompt with (default: synthetic tasks)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight (a KL's "
+                                                       "reference is then the base with the adapters off)")
+    p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("overopt", help="reward-model over-optimization: best-of-n by a reward model, graded by "
                                        "the verifier",

@@ -370,7 +370,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                token_logprobs: bool = False) -> torch.Tensor:
+                token_logprobs: bool = False, temperature: float = 1.0) -> torch.Tensor:
         """Logits for `input_ids` placed at positions [start_pos, start_pos + T).
 
         `start_pos` is an int, or a (B,) tensor giving each row its own start (rows of a batch
@@ -381,10 +381,13 @@ class LlamaModel(nn.Module):
         With `targets` (B, T; -100 = ignore) it returns instead the *summed* next-token
         cross-entropy, computed without materializing the logits (see linear_ce.py); with
         `token_logprobs` as well, each position's log-prob of its target (B, T), 0 where it is -100
-        (what preference losses sum per answer), again without the logits.
+        (what preference losses sum per answer), again without the logits, of logits / `temperature`
+        (an RL policy's log-probs are those of the distribution it sampled from).
         """
         x = self.hidden_states(input_ids, start_pos, cache, attention_mask)
         if targets is not None and token_logprobs:
+            # logits / T = (x / T) W^T: the temperature goes into the fused head's input.
+            x = x / temperature if temperature != 1.0 else x
             return linear_token_logprobs(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
                                          targets.reshape(-1)).view(targets.shape)
         if targets is not None:

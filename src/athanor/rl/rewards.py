@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ast
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from athanor.data.synth import Task, grade
+from athanor.data.synth import Task, extract_code, grade
 from athanor.errors import AthanorError
 from athanor.model.hf import load_pretrained
 from athanor.tokenizer import Tokenizer
@@ -32,6 +35,45 @@ class Reward(Protocol):
 
 def verifier_reward(tasks: Sequence[Task], replies: Sequence[str]) -> list[float]:
     return [float(ok) for ok in grade(list(tasks), list(replies))]
+
+
+@dataclass
+class Replies:
+    """What GRPO's reward functions score: sampled replies to tasks, with their token counts."""
+
+    tasks: Sequence[Task]
+    texts: Sequence[str]
+    lengths: Sequence[int]  # tokens sampled, the stop token included
+    closed: Sequence[bool]  # ended the turn with the end-of-turn token
+    max_tokens: int  # the sampling length limit
+    overlong_buffer: int  # the last tokens before max_tokens over which `overlong` falls to -1
+
+
+def _format(r: Replies) -> list[float | None]:
+    def parses(text: str) -> bool:
+        try:
+            with warnings.catch_warnings():  # model text: "1abc" warns before it fails
+                warnings.simplefilter("ignore", SyntaxWarning)
+                ast.parse(extract_code(text))
+        except (SyntaxError, ValueError):
+            return False
+        return True
+
+    return [float(c and bool(text.strip()) and (t.kind != "python" or parses(text)))
+            for t, text, c in zip(r.tasks, r.texts, r.closed, strict=True)]
+
+
+def _overlong(r: Replies) -> list[float | None]:
+    free = r.max_tokens - r.overlong_buffer
+    return [min(0.0, (free - n) / max(r.overlong_buffer, 1)) for n in r.lengths]
+
+
+RewardFunction = Callable[[Replies], list[float | None]]
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {
+    "verifier": lambda r: verifier_reward(r.tasks, r.texts),
+    "format": _format,
+    "overlong": _overlong,
+}
 
 
 class RewardModelScore:

@@ -71,17 +71,6 @@ class PolicyWithValue(LlamaModel):
                                       targets.reshape(-1)).view(targets.shape)
         return logps, self.v_head(hidden).squeeze(-1).float()
 
-    @torch.no_grad()
-    def entropy_sum(self, hidden: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                    chunk: int = 1024) -> torch.Tensor:
-        """The entropy of the next-token distribution (logits / temperature) summed over the positions
-        where `mask` is 1, the (N x vocab) logits made `chunk` rows at a time."""
-        rows = hidden[mask.bool()] / temperature
-        total = rows.new_zeros((), dtype=torch.float32)
-        for i in range(0, rows.shape[0], chunk):
-            logp = torch.log_softmax(self.lm_head(rows[i:i + chunk]).float(), -1)
-            total += -(logp.exp() * logp).sum()
-        return total
 
 def _take_over(dst: LlamaModel, src: LlamaModel) -> None:
     """`dst` runs on `src`'s trunk and head (the tie of head and embeddings kept) and rotary tables."""

@@ -53,16 +53,16 @@ from athanor.model.hf import load_pretrained
 from athanor.model.lora import adapters_disabled
 from athanor.rl import ppo as rl
 from athanor.rl.rewards import Reward, RewardModelScore, verifier_reward
-from athanor.serve.sampling import SamplingParams
 from athanor.tokenizer import Tokenizer
 from athanor.train import dist
 from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_run
 from athanor.train.loop import TrainConfig, Trainer, autocast_dtype
 from athanor.train.policy_value import PolicyWithValue
+from athanor.train.rollout import Sampled, entropy_sum, minibatches, response_rows, sample_replies
 
 
 @dataclass
-class PPODataConfig:
+class TaskDataConfig:
     """Prompts: synthetic tasks (data/synth.py), or task files from `athanor synth tasks`."""
 
     paths: list[str] = field(default_factory=list)  # task files (JSONL); empty: synthetic tasks
@@ -107,13 +107,13 @@ class PPORecipe:
     out_dir: str = "runs/ppo"
     base: str = "runs/speedrun/sft"  # run dir (or HF checkpoint) of the policy to tune, usually an SFT model
     reward: str = "runs/rm"  # a reward model's run dir (`athanor rm`), or "verifier": the tasks' gold reward
-    data: PPODataConfig = field(default_factory=PPODataConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=ppo_train_config)
 
 
-def load_tasks(d: PPODataConfig) -> tuple[list[Task], list[Task]]:
+def load_tasks(d: TaskDataConfig) -> tuple[list[Task], list[Task]]:
     """(rollout prompts, held-out tasks)."""
     if d.paths:
         train = [t for p in d.paths for t in read_tasks(p)]
@@ -158,42 +158,21 @@ class PPOStage:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def _sample(self, tasks: list[Task], temperature: float, rollout: int) -> tuple[list[list[int]], list]:
-        prompts = [self.tok.encode_chat([{"role": "user", "content": t.prompt}], add_generation_prompt=True)
-                   for t in tasks]
-        context = self.policy.config.max_position_embeddings
-        for t, p in zip(tasks, prompts, strict=True):
-            if len(p) + self.cfg.max_new_tokens > context:
-                raise AthanorError(f"task {t.id}: its prompt ({len(p)} tokens) + max_new_tokens leaves the "
-                                   f"model's {context} positions", field="ppo.max_new_tokens")
-        params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temperature,
-                                 seed=answer_seed(self.seed, t.id, rollout)) for t in tasks]
-        was_training = self.policy.training
-        out = self.lm.generate(prompts, params)
-        self.policy.train(was_training)
-        return prompts, out
+    def _sample(self, tasks: list[Task], temperature: float, rollout: int) -> Sampled:
+        return sample_replies(self.lm, self.tok, tasks, self.cfg.max_new_tokens, temperature,
+                              [answer_seed(self.seed, t.id, rollout) for t in tasks], field="ppo.max_new_tokens")
 
     @torch.no_grad()
     def rollout(self) -> dict[str, float]:
         """Sample, score and turn one batch of prompts into `ppo_epochs` shuffled passes of micro-batches."""
         cfg, n = self.cfg, len(self.history)
         tasks = [self.tasks[i] for i in self.sampler.next_indices().tolist()]
-        prompts, out = self._sample(tasks, cfg.temperature, n)
-        stopped = [c.finish_reason == "stop" and isinstance(c.stop_reason, int) for c in out]
-        responses = [c.token_ids + ([c.stop_reason] if s else []) for c, s in zip(out, stopped, strict=True)]
-        has_eos = torch.tensor([c.stop_reason == self.tok.end_id for c in out])
-        replies = [c.text for c in out]
+        sampled = self._sample(tasks, cfg.temperature, n)
+        has_eos, replies = sampled.closed, sampled.replies
         scores = torch.tensor(self.reward(tasks, replies), dtype=torch.float32)
         gold = None if self.gold is None else \
             scores if self.gold is self.reward else torch.tensor(self.gold(tasks, replies), dtype=torch.float32)
-        # Rows: prompt + response, right-padded; targets are the response tokens at the positions that predict them.
-        rows = [p + r for p, r in zip(prompts, responses, strict=True)]
-        T = max(map(len, rows)) - 1
-        x = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
-        y = torch.full((len(rows), T), -100, dtype=torch.long)
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            x[i, :len(p) + len(r) - 1] = torch.tensor((p + r)[:-1])
-            y[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
+        x, y = response_rows(sampled.prompts, sampled.responses, self.tok.pad_id)
         mask = (y != -100).float()
         logp, values, ref_logp, entropy = self._forward(x, y, mask)
         kl = rl.kl_estimate(logp, ref_logp, cfg.kl_estimator) * mask
@@ -210,16 +189,11 @@ class PPOStage:
         if gold is not None:
             stats["gold"] = float(gold.mean())
         if cfg.adaptive_kl:
-            self.kl.update(seq_kl, len(rows))
+            self.kl.update(seq_kl, len(x))
         data = {"x": x, "y": y, "mask": mask, "old_logp": logp, "old_values": values, "advantages": advantages,
                 "returns": returns}
         g = torch.Generator().manual_seed(answer_seed(self.seed, "minibatches", n))
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(rows), generator=g)
-            for i in range(0, len(rows), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                width = int(mask[idx].any(0).nonzero().max()) + 1  # drop columns that are padding in every row
-                self.buffer.append({k: v[idx, :width] for k, v in data.items()})
+        self.buffer += minibatches(data, mask, cfg.ppo_epochs, self.batch_size, g)
         self.history.append(stats)
         return stats
 
@@ -232,7 +206,7 @@ class PPOStage:
             with self._autocast():
                 hidden = self.policy.hidden_states(xs)
                 logp, values = self.policy.heads(hidden, ys, temp)
-                entropy += float(self.policy.entropy_sum(hidden, ys != -100, temp))
+                entropy += float(entropy_sum(self.policy.lm_head, hidden, ys != -100, temp))
                 with adapters_disabled(self.policy) if self.reference is None else contextlib.nullcontext():
                     ref_logp = (self.reference or self.policy)(xs, targets=ys, values=True, temperature=temp)[0]
             parts.append([t.float().cpu() for t in (logp, values, ref_logp)])
@@ -263,8 +237,7 @@ class PPOStage:
         """Greedy replies to the held-out tasks: their mean reward and gold pass rate."""
         if not self.heldout:
             return {}
-        _, out = self._sample(self.heldout, 0.0, 0)
-        replies = [c.text for c in out]
+        replies = self._sample(self.heldout, 0.0, 0).replies
         result = {"val_reward": sum(self.reward(self.heldout, replies)) / len(replies)}
         if self.gold is not None:
             result["val_gold"] = sum(self.gold(self.heldout, replies)) / len(replies)
