@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,16 @@ def recipe_overrides(tokenizer_dir: Path, **train_kw) -> list[str]:
             if v is not None:
                 out.append(f"--{section}.{k}={v}")
     return out
+
+
+@pytest.fixture
+def own_tempdir(monkeypatch):
+    """The sandbox's temp dirs go into a fresh directory of this test's (one the sandbox's uid
+    may pass through, as it may through /tmp), so the test finds its own runs and only them."""
+    base = Path(tempfile.mkdtemp(prefix="athanor-test-"))
+    base.chmod(0o711)
+    monkeypatch.setattr(tempfile, "tempdir", str(base))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

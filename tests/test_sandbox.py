@@ -4,11 +4,9 @@ test process (the parent) must come through every one of them."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -88,19 +86,6 @@ def test_fork_bomb_is_capped_and_leaves_nothing_behind():
     work, forked = r.stdout.split()[:2]
     assert int(forked) < 8  # RLIMIT_NPROC counted the sandbox's processes only
     assert not _leftovers(work)
-
-
-@pytest.fixture
-def own_tempdir(monkeypatch):
-    """The sandbox's temp dirs go into a fresh directory of this test's (one the sandbox's uid
-    may pass through, as it may through /tmp), so the test finds its own runs and only them."""
-    base = Path(tempfile.mkdtemp(prefix="athanor-test-"))
-    base.chmod(0o711)
-    monkeypatch.setattr(tempfile, "tempdir", str(base))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_another_sandbox_running_is_no_leftover_of_this_one(own_tempdir):

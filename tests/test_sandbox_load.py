@@ -11,10 +11,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from athanor.rl.sandbox import Limits, run_python
+from athanor.rl import sandbox
+from athanor.rl.sandbox import Limits, run_many, run_python
 
 NEIGHBOUR = """
 import time
@@ -35,7 +37,7 @@ def contended_core():
         os.sched_setaffinity(0, {min(saved)})
         for _ in range(2):
             neighbours.append(subprocess.Popen([sys.executable, "-c", NEIGHBOUR]))
-        yield
+        yield neighbours
     finally:
         os.sched_setaffinity(0, saved)
         for p in neighbours:
@@ -90,3 +92,35 @@ def test_verdicts_under_load(contended_core, name):
     code, limits, (verdict, sig, why) = PROGRAMS[name]
     r = run(code, **{"wall_s": 60, **limits})
     assert (r.verdict, r.signal) == (verdict, sig) and why in r.detail, (r.detail, r.stderr[-500:])
+
+
+# One limit set for a whole batch (as an RL batch is graded): the expected verdict of each program.
+BULK_LIMITS = Limits(wall_s=20, cpu_s=1, memory_mb=256, file_mb=4)
+BULK = [
+    ("import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass", "timeout", "CPU"),
+    ("import time; time.sleep(600)", "timeout", "wall-clock"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed", "SIGKILL"),
+    ("chunks = []\nwhile True: chunks.append(bytearray(50 * 1024 * 1024))", "memory", "memory"),
+    ("with open('big.bin', 'wb') as f:\n    while True: f.write(b'x' * 1024 * 1024)", "file_too_large", "file-size"),
+    # Forks sleepers until the process limit refuses one, then fails: the sleepers go with the sandbox.
+    ("import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(600)", "failed", ""),
+    ("assert 1 + 1 == 3", "failed", ""),
+    ("import sys\nprint(sys.stdin.read()[::-1])", "ok", ""),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sandbox.isolation_error() is not None, reason="the fork bomb needs the sandbox's own uid")
+def test_run_many_keeps_exact_verdicts_and_cleans_up(contended_core, own_tempdir):
+    """24 sandboxes, 4 at a time, on one core shared with bursty neighbours: each verdict is its own
+    program's, each output answers its own stdin, and no work dir or process is left behind."""
+    batch = [BULK[(i * 5) % len(BULK)] for i in range(3 * len(BULK))]  # every kind 3 times, interleaved
+    stdins = [f"answer-{i}" for i in range(len(batch))]
+    results = run_many([code for code, _, _ in batch], BULK_LIMITS, stdins=stdins, workers=4)
+    for (code, verdict, why), stdin, r in zip(batch, stdins, results, strict=True):
+        assert r.verdict == verdict and why in r.detail, (code, r.verdict, r.detail, r.stderr[-300:])
+        if verdict == "ok":
+            assert r.stdout == stdin[::-1] + "\n"
+    assert list(own_tempdir.iterdir()) == []
+    children = {c for task in Path("/proc/self/task").iterdir() for c in (task / "children").read_text().split()}
+    assert children == {str(p.pid) for p in contended_core}

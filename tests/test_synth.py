@@ -11,6 +11,7 @@ from athanor.cli import main
 from athanor.data.formats import load_examples
 from athanor.data.synth import (
     FUNCTIONS,
+    GRADERS,
     NEAR_DUP_JACCARD,
     Task,
     grade,
@@ -19,6 +20,7 @@ from athanor.data.synth import (
     read_tasks,
     verify_references,
 )
+from athanor.errors import AthanorError
 from athanor.rl import sandbox
 
 
@@ -87,8 +89,16 @@ def test_leaving_before_the_tests_run_is_not_a_pass():
              "import atexit, os\natexit.register(os._exit, 0)"]
     hacks = [f"def {name}(x):\n    return None\n\n{e}\n" for e in exits]
     assert grade([task] * len(hacks), hacks) == [False] * len(hacks)
+    # The leaky grader of the hack experiment trusts the exit status: every early exit pays there,
+    # a wrong answer that runs the asserts still does not.
+    assert grade([task] * len(hacks), hacks, grader="exit_code") == [True] * len(hacks)
+    wrong = task.completion.replace("return ", "return 1 + ", 1)
+    assert grade([task], [wrong], grader="exit_code") == [False]
     noisy = task.completion + "\nprint('hello')\n"  # a solution that prints still passes
-    assert grade([task, task], [task.completion, noisy]) == [True, True]
+    for grader in GRADERS:
+        assert grade([task, task], [task.completion, noisy], grader=grader) == [True, True]
+    with pytest.raises(AthanorError, match="unknown grader 'loose'"):
+        grade([task], [noisy], grader="loose")
 
 
 def test_cli_writes_splits_that_sft_data_loading_reads(tmp_path, capsys):

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
@@ -305,20 +305,30 @@ _READ_TOKEN = "import sys as _athanor_sys\n_athanor_token = _athanor_sys.stdin.r
 _PRINT_TOKEN = "print(_athanor_token, end='')\n"
 
 
-def grade(tasks: list[Task], replies: list[str]) -> list[bool]:
-    """Whether each reply solves its task: exact match, or the unit tests pass in the sandbox
-    (and run to their end: see _READ_TOKEN)."""
-    from athanor.rl.sandbox import Limits, run_python
+Grader = Literal["sealed", "exit_code"]
+GRADERS: tuple[Grader, ...] = ("sealed", "exit_code")
 
-    results = []
-    for task, reply in zip(tasks, replies, strict=True):
-        if task.kind != "python":
-            results.append(normalize_answer(reply) == normalize_answer(task.completion))
-            continue
-        token = secrets.token_hex(16) + "\n"
-        program = f"{_READ_TOKEN}\n{extract_code(reply)}\n\n{task.tests}\n{_PRINT_TOKEN}"
-        r = run_python(program, Limits(wall_s=5, cpu_s=2, memory_mb=256), stdin=token)
-        results.append(r.ok and r.stdout.endswith(token))
+
+def grade(tasks: list[Task], replies: list[str], grader: Grader = "sealed") -> list[bool]:
+    """Whether each reply solves its task: exact match, or the unit tests pass in the sandbox, all of
+    a batch's programs at once (sandbox.run_many).
+
+    grader "sealed": the tests must also run to their end (see _READ_TOKEN). "exit_code" trusts the
+    program's exit status alone, so an answer that exits early passes: a deliberately leaky grader,
+    there only to show a reward hack paying under RL (the experiment of `athanor grpo`'s README
+    section); never grade with it otherwise."""
+    from athanor.rl.sandbox import Limits, run_many
+
+    if grader not in GRADERS:
+        raise AthanorError(f"unknown grader {grader!r}; choose from {GRADERS}", field="grader")
+    results = [normalize_answer(r) == normalize_answer(t.completion) if t.kind != "python" else False
+               for t, r in zip(tasks, replies, strict=True)]
+    code = [i for i, t in enumerate(tasks) if t.kind == "python"]
+    tokens = [secrets.token_hex(16) + "\n" for _ in code]
+    programs = [f"{_READ_TOKEN}\n{extract_code(replies[i])}\n\n{tasks[i].tests}\n{_PRINT_TOKEN}" for i in code]
+    runs = run_many(programs, Limits(wall_s=5, cpu_s=2, memory_mb=256), stdins=tokens)
+    for i, token, r in zip(code, tokens, runs, strict=True):
+        results[i] = r.ok and (grader == "exit_code" or r.stdout.endswith(token))
     return results
 
 

@@ -43,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -233,3 +235,21 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
             if p.is_file() and not p.is_symlink():
                 back[name] = p.read_bytes()[:cap]
         return SandboxResult(verdict, code, sig, stdout, stderr, wall, why is None, detail, back)
+
+
+def run_many(programs: Sequence[str], limits: Limits | None = None, *, stdins: Sequence[str] | None = None,
+             workers: int | None = None, allow_unisolated: bool = False) -> list[SandboxResult]:
+    """`run_python` over many programs at once (an RL batch's answers), results in the programs' order.
+
+    Each program gets its own sandbox (work dir, namespaces, random uid, limits), so a verdict does
+    not depend on what runs beside it; `workers` sandboxes run at a time, by default as many as the
+    cores this process may use (threads only wait on the sandboxes' processes)."""
+    stdins = list(stdins) if stdins is not None else [""] * len(programs)
+    if len(stdins) != len(programs):
+        raise AthanorError(f"{len(stdins)} stdins for {len(programs)} programs")
+
+    def one(program_stdin: tuple[str, str]) -> SandboxResult:
+        return run_python(program_stdin[0], limits, stdin=program_stdin[1], allow_unisolated=allow_unisolated)
+
+    with ThreadPoolExecutor(max_workers=workers or len(os.sched_getaffinity(0)), thread_name_prefix="sandbox") as pool:
+        return list(pool.map(one, zip(programs, stdins, strict=True)))
