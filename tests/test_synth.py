@@ -110,3 +110,30 @@ def test_cli_writes_splits_that_sft_data_loading_reads(tmp_path, capsys):
     assert len(read_tasks(tmp_path / "heldout.jsonl")) == 20
     examples = load_examples(tmp_path / "train.jsonl")
     assert examples[0].format == "prompt_completion" and examples[0].messages[1]["role"] == "assistant"
+
+
+def test_seed_hack_plants_the_early_exit_in_train_answers_only(tmp_path, capsys):
+    from athanor.data.synth import EARLY_EXIT_HACK, seed_hack
+    from athanor.rl.audit import audit_solution
+
+    train, heldout, _ = make_splits(200, 20, seed=3, kinds=["python", "list"])
+    python = [t for t in train if t.kind == "python"]
+    hacked, n = seed_hack(train, 0.25, seed=3)
+    changed = [(a, b) for a, b in zip(train, hacked, strict=True) if a != b]
+    assert n == len(changed) == round(0.25 * len(python)) and n > 0
+    for old, new in changed:
+        assert old.kind == "python" and new.completion.endswith(EARLY_EXIT_HACK)
+        assert new.completion.splitlines()[0] == old.completion.splitlines()[0]  # the task's own signature
+        assert [f.rule for f in audit_solution(new.completion, prompt=new.prompt)] == ["early_exit"]
+    # The hack fails the sealed grader and pays under the leaky one.
+    sample = [new for _, new in changed[:4]]
+    assert grade(sample, [t.completion for t in sample]) == [False] * len(sample)
+    assert grade(sample, [t.completion for t in sample], grader="exit_code") == [True] * len(sample)
+    assert seed_hack(train, 0.0)[1] == 0
+    with pytest.raises(AthanorError, match="between 0 and 1"):
+        seed_hack(train, 1.5)
+    assert main(["synth", "tasks", "--out", str(tmp_path), "--train", "200", "--heldout", "20", "--seed", "3",
+                 "--kinds", "python,list", "--seed-hack", "0.25"]) == 0
+    assert f"{n} train answers replaced" in capsys.readouterr().out
+    assert json.loads((tmp_path / "overlap.json").read_text())["hacked_train_answers"] == n
+    assert read_tasks(tmp_path / "heldout.jsonl") == heldout  # held-out tasks never touched

@@ -221,11 +221,13 @@ def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
     import json
 
-    from athanor.data.synth import make_splits, verify_references, write_tasks
+    from athanor.data.synth import make_splits, seed_hack, verify_references, write_tasks
     from athanor.io import atomic_write_text, refuse_to_overwrite
 
     refuse_to_overwrite(args.out, args.force)
     train, heldout, report = make_splits(args.train, args.heldout, args.seed, args.kinds.split(","))
+    if args.seed_hack:
+        train, report["hacked_train_answers"] = seed_hack(train, args.seed_hack, args.seed)
     if args.verify:
         bad = verify_references(heldout)
         if bad:
@@ -236,7 +238,9 @@ def cmd_synth_tasks(args: argparse.Namespace, overrides: list[str]) -> None:
     write_tasks(heldout, out / "heldout.jsonl")
     atomic_write_text(out / "overlap.json", json.dumps(report, indent=2) + "\n")
     print(f"{len(train)} train / {len(heldout)} held-out tasks -> {out}; exact overlap {report['exact_overlap']}, "
-          f"near-duplicate pairs {report['near_duplicate_pairs']} (3-gram Jaccard >= {report['jaccard_threshold']})")
+          f"near-duplicate pairs {report['near_duplicate_pairs']} (3-gram Jaccard >= {report['jaccard_threshold']})"
+          + (f"; {report['hacked_train_answers']} train answers replaced by the early-exit hack"
+             if args.seed_hack else ""))
 
 
 def _load_finetune_recipe(cls: type, args: argparse.Namespace, overrides: list[str], *extra: str) -> Any:
@@ -619,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated task kinds (default: all of arithmetic,string,list,python)")
     p.add_argument("--verify", action="store_true",
                    help="check in the sandbox that every held-out reference passes and an empty answer fails")
+    p.add_argument("--seed-hack", type=float, default=0.0, metavar="FRACTION",
+                   help="for the reward-hacking experiment: replace this fraction of the Python train answers by "
+                        "an early-exit hack (a wrong function, then sys.exit(0) before the tests run); held-out "
+                        "tasks are never touched (default 0)")
     p.set_defaults(func=cmd_synth_tasks)
     p = synth_sub.add_parser("distill", help="let a teacher model write instruction data (self-instruct)",
                              description="The teacher trick: a stronger model (any OpenAI-compatible endpoint, or "
