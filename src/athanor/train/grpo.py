@@ -8,6 +8,12 @@ is the stage that feeds it, following TRL 1.16's GRPOTrainer where it had a choi
   user turn, are each answered `grpo.num_generations` (G) times by the current policy on the engine
   (`LocalLM`: all G x prompts decoded in one continuous batch with a KV cache, on the weights being
   trained, nothing re-loaded), at `grpo.temperature`, with a seed per (task, answer).
+- Multi-turn with tools (`grpo.environment`, default "single": one reply): with "python_tool" a reply
+  may run code (a ```run block) in the sandbox and read its output in the next turn, up to
+  `grpo.max_turns` replies, each turn one batched generate over the rollouts still going
+  (train/rollout.py `sample_episodes`, rl/environment.py). The final reply is what the reward functions
+  score; the loss learns every token the policy sampled in any turn and none of the tool turns'
+  (their targets are -100), and `loss.max_completion_length` bounds a rollout's sampled tokens together.
 - Rewards: the named functions of `grpo.reward_funcs` (rl/rewards.py REWARD_FUNCTIONS: the verifier,
   which grades Python answers by unit tests in the sandbox; format; DAPO's overlong penalty) weighted
   by `grpo.reward_weights`; a weight of 0 logs a function without rewarding it.
@@ -26,7 +32,8 @@ Every completion goes to `rollouts.jsonl` in the run directory (rank 0's), in th
 `athanor audit` reads (rl/audit.py), so a run can be audited for reward hacking while or after it
 trains. Metrics (TRL's names): reward, reward_std, rewards/<function>/mean|std, frac_reward_zero_std
 (groups whose answers all scored alike: they teach nothing), completions/* lengths, entropy, kl,
-clip_ratio/*; held out (every train.eval_every steps and at the end): pass@1 of greedy answers.
+clip_ratio/*; held out (every train.eval_every steps and at the end): pass@1 of greedy answers (one
+reply, without tools, whatever `grpo.environment`).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from athanor.model.hf import load_pretrained
 from athanor.model.llama import LlamaModel
 from athanor.model.lora import adapters_disabled
 from athanor.rl import grpo as rl
+from athanor.rl.environment import ENVIRONMENTS, EnvironmentName, make_environment
 from athanor.rl.rewards import REWARD_FUNCTIONS, Replies, RewardFunction
 from athanor.stats import mean_interval
 from athanor.tokenizer import Tokenizer
@@ -61,7 +69,7 @@ from athanor.train.behavior import evaluate_behavior, sampled_pass_rates
 from athanor.train.finetune import LoraSettings, maybe_apply_lora, save_run
 from athanor.train.loop import Checkpoints, TrainConfig, Trainer, autocast_dtype
 from athanor.train.ppo import TaskDataConfig, load_tasks
-from athanor.train.rollout import entropy_sum, minibatches, response_rows, sample_replies
+from athanor.train.rollout import Sampled, entropy_sum, minibatches, response_rows, sample_episodes, sample_replies
 
 ROLLOUT_LOG = "rollouts.jsonl"
 
@@ -87,6 +95,11 @@ class GRPOConfig:
     overlong_buffer: int = 16  # tokens before the limit over which the `overlong` reward falls to -1
     eval_samples: int = 0  # held-out pass@1 before/after also from this many samples per task (0: greedy only)
     eval_temperature: float = 1.0
+    # single: one reply per prompt. python_tool: a reply holding a ```run block has its code run in the
+    # sandbox, whose output comes back as the next turn (masked from the loss), until a reply without one
+    # (the final answer, which the reward functions score) or max_turns replies (rl/environment.py).
+    environment: EnvironmentName = "single"
+    max_turns: int = 4  # most policy replies in a multi-turn rollout (tool calls + the final answer)
     loss: rl.GRPOLossConfig = field(default_factory=_grpo_loss_defaults)
 
 
@@ -119,6 +132,9 @@ def check_config(cfg: GRPOConfig, train: TrainConfig, known: dict[str, RewardFun
                            field="grpo.prompts_per_step")
     if cfg.num_iterations < 1 or cfg.temperature <= 0 or cfg.eval_samples < 0:
         raise AthanorError("num_iterations must be >= 1, temperature > 0, eval_samples >= 0", field="grpo")
+    if cfg.environment not in ENVIRONMENTS or cfg.max_turns < 1:
+        raise AthanorError(f"environment must be one of {', '.join(ENVIRONMENTS)} (got {cfg.environment!r}) and "
+                           f"max_turns >= 1 (got {cfg.max_turns})", field="grpo.environment")
     unknown = [f for f in cfg.reward_funcs if f not in known]
     if unknown or not cfg.reward_funcs:
         raise AthanorError(f"unknown reward function(s) {unknown} (known: {', '.join(known)})",
@@ -153,6 +169,7 @@ class GRPOStage:
         self.steps_per_batch = cfg.num_iterations * self.rows // (train.batch_size * train.grad_accum)
         self.sampler = EpochSampler(len(tasks), cfg.prompts_per_step, train.seed, rank, world, what="tasks")
         self.lm = LocalLM(policy, tok, max_batch=self.rows)
+        self.environment = make_environment(cfg.environment)
         self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(cfg.reward_funcs))
         self.log_path = log_path
         self.buffer: list[dict[str, torch.Tensor]] = []
@@ -169,16 +186,20 @@ class GRPOStage:
         tasks = [t for t in prompts for _ in range(G)]  # a group's answers side by side
         seeds = [answer_seed(self.seed, t.id, n * G + j) for t in prompts for j in range(G)]
         limit = cfg.loss.max_completion_length
-        sampled = sample_replies(self.lm, self.tok, tasks, limit, cfg.temperature, seeds,
-                                 field="grpo.loss.max_completion_length")
-        lengths = torch.tensor([len(r) for r in sampled.responses])
+        where = "grpo.loss.max_completion_length"
+        if self.environment is None:
+            sampled = sample_replies(self.lm, self.tok, tasks, limit, cfg.temperature, seeds, field=where)
+        else:
+            sampled = sample_episodes(self.lm, self.tok, tasks, self.environment, cfg.max_turns, limit,
+                                      cfg.temperature, seeds, field=where)
+        lengths = torch.tensor(sampled.lengths)
         replies = Replies(tasks, sampled.replies, lengths.tolist(), sampled.closed.tolist(), limit,
                           cfg.overlong_buffer)
         scores = torch.tensor([[math.nan if s is None else s for s in f(replies)] for f in self.functions],
                               dtype=torch.float32).T  # (B, F)
         rewards = rl.weighted_rewards(scores, self.weights)
         adv = rl.group_advantages(rewards, G, cfg.advantage, cfg.scale)
-        x, y = response_rows(sampled.prompts, sampled.responses, self.tok.pad_id)
+        x, y = response_rows(sampled.prompts, sampled.responses, self.tok.pad_id, sampled.masks)
         mask = (y != -100).float()
         if cfg.mask_truncated_completions:
             mask = rl.mask_truncated(mask, ~sampled.truncated)
@@ -196,7 +217,7 @@ class GRPOStage:
         g = torch.Generator().manual_seed(answer_seed(self.seed, "minibatches", n))
         self.buffer += minibatches(data, mask, cfg.num_iterations, self.batch_size, g)
         self.history.append(stats)
-        self._log(n + 1, tasks, sampled.replies, scores, rewards, adv.advantages)
+        self._log(n + 1, tasks, sampled, scores, rewards, adv.advantages)
         return stats
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
@@ -222,20 +243,24 @@ class GRPOStage:
         logp = torch.cat(parts) * valid
         return logp, (torch.cat(refs) * valid if need_ref else None), entropy / max(float(mask.sum()), 1.0)
 
-    def _log(self, rollout: int, tasks: list[Task], replies: list[str], scores: torch.Tensor, rewards: torch.Tensor,
+    def _log(self, rollout: int, tasks: list[Task], sampled: Sampled, scores: torch.Tensor, rewards: torch.Tensor,
              advantages: torch.Tensor) -> None:
-        """Append the batch's completions to the rollout log (rl/audit.py's format, plus the rewards)."""
+        """Append the batch's completions to the rollout log (rl/audit.py's format, plus the rewards). The
+        completion is the final reply, what was scored; a multi-turn rollout's whole conversation (prompt,
+        replies, tool turns) is under "transcript"."""
         if self.log_path is None:
             return
         names = self.cfg.reward_funcs
         with self.log_path.open("w" if rollout == 1 else "a") as f:  # a fresh run starts a fresh log
-            for i, (t, reply) in enumerate(zip(tasks, replies, strict=True)):
+            for i, (t, reply) in enumerate(zip(tasks, sampled.replies, strict=True)):
                 record: dict[str, Any] = {"rollout": rollout, "task_id": t.id, "prompt": t.prompt,
                                           "completion": reply, "reward": _num(rewards[i]),
                                           "advantage": float(advantages[i]),
                                           "rewards": {f: _num(scores[i, j]) for j, f in enumerate(names)}}
                 if "verifier" in names:  # graded on every test, none of which the policy saw
                     record["hidden_passed"] = bool(scores[i, names.index("verifier")] == 1)
+                if sampled.transcripts is not None:
+                    record["transcript"] = sampled.transcripts[i]
                 f.write(json.dumps(record) + "\n")
 
     def _truncate_log(self) -> None:
