@@ -14,6 +14,8 @@ def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:
     assert r.train.lr == 0.01 and r.train.max_steps == 9 and r.model.hidden_size == 512
     assert r.data.paths == ["a.txt", "b.txt"] and r.tokenizer_path is None
     assert r.model.num_hidden_layers == PretrainRecipe().model.num_hidden_layers
+    # YAML's flow style for a list reads the same as commas
+    assert load_recipe(PretrainRecipe, None, ["--data.paths=[a.txt, b.txt]"]).data.paths == ["a.txt", "b.txt"]
 
 
 def test_scientific_notation_and_bools() -> None:
@@ -48,10 +50,12 @@ def test_recipes_in_repo_are_valid() -> None:
     """Each shipped recipe loads as the recipe of its command (named after it), the rest as pre-training's."""
     from athanor.speedrun import SpeedrunRecipe
     from athanor.train.dpo import DPORecipe
+    from athanor.train.grpo import GRPORecipe
     from athanor.train.ppo import PPORecipe
     from athanor.train.rm import RMRecipe
 
-    commands = {"speedrun": SpeedrunRecipe, "dpo": DPORecipe, "rm": RMRecipe, "ppo": PPORecipe}
+    commands = {"speedrun": SpeedrunRecipe, "dpo": DPORecipe, "rm": RMRecipe, "ppo": PPORecipe, "rlvr": GRPORecipe,
+                "reward-hack": GRPORecipe}
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert {f.stem for f in recipes} >= set(commands)
     for f in recipes:

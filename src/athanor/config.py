@@ -50,8 +50,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(inner)
     if origin is list:
         (item_tp,) = typing.get_args(inner) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "a,b", or YAML's flow style "[a, b]"
+            if value.startswith("[") and value.endswith("]"):
+                value = value[1:-1]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise AthanorError(f"{key} must be a list", path=source)
         return [_coerce(v, item_tp, key, source) for v in value]

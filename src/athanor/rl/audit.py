@@ -71,6 +71,7 @@ import ast
 import builtins
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -447,7 +448,9 @@ def audit_solution(code: str, visible_tests: str = "", expected_outputs: Iterabl
     `prompt`: the task statement, whose own constants ("clamp x to 0..255") are never evidence.
     Code that does not parse has no flags (see UNPARSABLE)."""
     try:
-        tree = ast.parse(code)
+        with warnings.catch_warnings():  # model text such as "1abc" warns before it fails
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(code)
     except UNPARSABLE:
         return []
     visible = _visible(visible_tests, expected_outputs)

@@ -57,6 +57,7 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
 from athanor.lm.local import LocalLM
 from athanor.model.hf import load_pretrained
+from athanor.model.linear_ce import linear_token_logprobs
 from athanor.model.llama import LlamaModel
 from athanor.model.lora import adapters_disabled
 from athanor.rl import grpo as rl
@@ -221,11 +222,14 @@ class GRPOStage:
         return stats
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """(the policy's log-probs, the reference's or None when beta is 0) as (B, T) on the CPU, and
-        the policy's mean entropy per completion token."""
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """The sampling policy's log-probs (B, T) on the CPU, or None when nothing reads them (one
+        optimizer step per batch and no KL: the first update's ratio is 1 by construction); the
+        reference's, or None when beta is 0; and the policy's mean entropy per completion token. One
+        pass of the policy's layers serves its entropy and its log-probs."""
         temp, parts, refs, entropy = self.cfg.temperature, [], [], 0.0
         need_ref = self.cfg.loss.beta != 0
+        need_logp = self.steps_per_batch > 1 or need_ref
         was_training = self.policy.training
         self.policy.eval()
         for i in range(0, x.shape[0], self.batch_size):
@@ -233,14 +237,18 @@ class GRPOStage:
             with self._autocast():
                 hidden = self.policy.hidden_states(xs)
                 entropy += float(entropy_sum(self.policy.lm_head, hidden, ys != -100, temp))
-                parts.append(self.policy(xs, targets=ys, token_logprobs=True, temperature=temp).float().cpu())
+                if need_logp:
+                    # logits / T = (h / T) W^T, as the model's own forward scores them
+                    logp = linear_token_logprobs((hidden / temp).flatten(0, 1), self.policy.lm_head.weight,
+                                                 ys.flatten())
+                    parts.append(logp.view(ys.shape).float().cpu())
                 if need_ref:
                     with adapters_disabled(self.policy) if self.reference is None else contextlib.nullcontext():
                         ref = (self.reference or self.policy)(xs, targets=ys, token_logprobs=True, temperature=temp)
                     refs.append(ref.float().cpu())
         self.policy.train(was_training)
         valid = (y != -100).float()
-        logp = torch.cat(parts) * valid
+        logp = torch.cat(parts) * valid if need_logp else None
         return logp, (torch.cat(refs) * valid if need_ref else None), entropy / max(float(mask.sum()), 1.0)
 
     def _log(self, rollout: int, tasks: list[Task], sampled: Sampled, scores: torch.Tensor, rewards: torch.Tensor,

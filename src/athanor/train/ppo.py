@@ -71,6 +71,9 @@ class TaskDataConfig:
     synth_heldout: int = 32  # 0: no held-out evaluation
     synth_kinds: list[str] = field(default_factory=lambda: list(KINDS))
     seed: int = 0
+    # Prompt only with these kinds (files or synthetic; None: all); the held-out set stays whole. A kind
+    # the policy never solves gives groups whose rewards are all 0: no gradient, only generation cost.
+    train_kinds: list[str] | None = None
 
 
 @dataclass
@@ -121,6 +124,11 @@ def load_tasks(d: TaskDataConfig) -> tuple[list[Task], list[Task]]:
     else:
         train, held, _ = make_splits(d.synth_train, d.synth_heldout, d.seed, d.synth_kinds)
         held = read_tasks(d.heldout) if d.heldout else held
+    if d.train_kinds is not None:
+        unknown = sorted(set(d.train_kinds) - set(KINDS))
+        if unknown:
+            raise AthanorError(f"unknown task kinds {unknown}; choose from {list(KINDS)}", field="data.train_kinds")
+        train = [t for t in train if t.kind in d.train_kinds]
     if not train:
         raise AthanorError("no task to roll out", field="data.paths")
     return train, held
