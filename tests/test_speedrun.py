@@ -21,6 +21,7 @@ SMALL = ["--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=
          "--samples.max_tokens=16", "--sft.heldout_tasks=40",
          "--preference.pair_tasks=120", "--preference.k=4", "--preference.dpo_steps=10", "--preference.rm_steps=5",
          "--preference.judge_pairs=4", "--preference.eval_samples=2",
+         "--grpo.steps=3", "--grpo.prompts_per_step=4", "--grpo.num_generations=4", "--grpo.eval_samples=2",
          "--draft.steps=30", "--draft.prompts=64", "--draft.new_tokens=32", "--draft.held_out_prompts=8",
          "--serving.max_tokens=16", "--serving.speculative_prompts=2",
          "--quant.types=Q8_0,Q4_K_M,Q4_0,Q2_K", "--quant.eval_tokens=512", "--quant.imatrix_tokens=512",
@@ -59,7 +60,8 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     r = _speedrun(out)
     report = (out / "report.md").read_text()
     for heading in ["## Held-out result", "## The models this run made", "## Stages and timings", "## Loss curve",
-                    "## Samples", "## Post-training: SFT", "## Post-training: preference", "## Serving",
+                    "## Samples", "## Post-training: SFT", "## Post-training: preference",
+                    "## Post-training: RL on verifiable rewards", "## Serving",
                     "## Quantization", "## Settings"]:
         assert heading in report
     result = json.loads((out / "eval.json").read_text())
@@ -86,6 +88,14 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     else:
         assert "No pairs" in section
 
+    # The GRPO stage: 3 batches of 4 prompts x 4 answers, every one audited, the curves drawn.
+    section = report[report.index("## Post-training: RL on verifiable rewards"):report.index("## Serving")]
+    grpo = json.loads((out / "grpo" / "eval.json").read_text())
+    assert grpo["steps"] == 3 and grpo["heldout"]["greedy"]["tasks"] == 40
+    assert len((out / "grpo" / "rollouts.jsonl").read_text().splitlines()) == 3 * 16
+    assert "**Audit** of the 48 completions" in section and "(grpo/rl_curves.png)" in section
+    assert (out / "grpo" / "rl_curves.png").stat().st_size > 10_000
+
     # The knobs reached their stages.
     assert json.loads((out / "draft" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
     scorecard = next(out.rglob("scorecard.json"))
@@ -94,18 +104,20 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
 
     # The console: one line per stage as it starts, bars and evaluation lines named after their stage,
     # and the headline numbers at the end.
-    for n, stage in enumerate(["pre-training", "samples", "SFT", "preference", "serving", "quantization"], start=1):
-        assert re.search(rf"^\[{n}/6\] {stage}", r.stdout, re.M), r.stdout
+    for n, stage in enumerate(["pre-training", "samples", "SFT", "preference", "RLVR", "serving", "quantization"],
+                              start=1):
+        assert re.search(rf"^\[{n}/7\] {stage}", r.stdout, re.M), r.stdout
     assert "pretrain step 40: val_loss" in r.stdout
-    for bar in ["pretrain", "sft", "draft teacher", "draft"]:
+    for bar in ["pretrain", "sft", "grpo", "draft teacher", "draft"]:
         assert re.search(rf"(^|\r){bar}: +\d+%", r.stderr, re.M), bar
     assert not re.search(r"(^|\r)train: ", r.stderr, re.M)  # no anonymous bar left
-    tail = r.stdout.strip().splitlines()[-5:]
+    tail = r.stdout.strip().splitlines()[-6:]
     assert tail[0].startswith(f"held-out: {result['val_bpb']:.3f} bits/byte vs {result['unigram_bpb']:.3f}")
     assert tail[1].startswith(f"SFT: answers {sft['sft']['answer_rate']:.0%}")
     assert tail[2].startswith("DPO: ")
-    assert tail[3].startswith("serving: ") and "tok/s" in tail[3]
-    assert tail[4] == f"report: {out / 'report.md'}"
+    assert tail[3].startswith("GRPO: greedy pass@1 ") and "flagged by the audit" in tail[3]
+    assert tail[4].startswith("serving: ") and "tok/s" in tail[4]
+    assert tail[5] == f"report: {out / 'report.md'}"
     for row in ["tokenizer", "token shards", "pre-training", "Post-training"]:
         assert "reused" not in _timing_row(report, row)
 

@@ -40,6 +40,42 @@ def plot_loss(metrics_path: str | Path, out_png: str | Path) -> None:
     plt.close(fig)
 
 
+def plot_rl_curves(metrics_path: str | Path, out_png: str | Path) -> None:
+    """An RL run's curves over optimizer steps: reward (each reward function's mean), held-out pass@1
+    where it was evaluated, entropy and KL to the reference, and completion length with the share cut
+    at the limit (TRL's metric names, as train/grpo.py logs them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+
+    rewards = sorted({k for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    panels = [("reward", [(k.split("/")[1], series(k)) for k in rewards] + [("total", series("reward"))]),
+              ("held-out pass@1 (greedy)", [("held-out", series("val_pass@1"))]),
+              ("nats per token", [("entropy", series("entropy")), ("KL to reference", series("kl"))]),
+              ("tokens / share", [("mean length (tokens)", series("completions/mean_length")),
+                                  ("clipped at the limit (share)", series("completions/clipped_ratio"))])]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), dpi=110, sharex=True)
+    for ax, (ylabel, lines) in zip(axes.flat, panels, strict=True):
+        for label, points in lines:
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-" if len(points) < 12 else "-", label=label, lw=1.2, ms=3)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""

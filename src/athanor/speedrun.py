@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -28,6 +29,7 @@ from athanor.serve.sampling import SamplingParams
 from athanor.serve.stage import ServingSettings, serving_stage
 from athanor.stage import Context, Section
 from athanor.train.draft import SpeedrunDraft
+from athanor.train.grpo_stage import SpeedrunGRPO
 from athanor.train.preference_stage import SpeedrunPreference
 from athanor.train.pretrain import PretrainRecipe, pretrain
 from athanor.train.sft import SpeedrunSFT
@@ -61,6 +63,7 @@ class SpeedrunRecipe(PretrainRecipe):
     samples: SamplesSettings = field(default_factory=SamplesSettings)
     sft: SpeedrunSFT = field(default_factory=SpeedrunSFT)
     preference: SpeedrunPreference = field(default_factory=SpeedrunPreference)
+    grpo: SpeedrunGRPO = field(default_factory=SpeedrunGRPO)
     draft: SpeedrunDraft = field(default_factory=SpeedrunDraft)
     serving: ServingSettings = field(default_factory=ServingSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
@@ -102,10 +105,17 @@ def preference_stage(ctx: Context) -> Section:
     return speedrun_stage(ctx)
 
 
+def grpo_stage(ctx: Context) -> Section:
+    from athanor.train.grpo_stage import speedrun_stage
+
+    return speedrun_stage(ctx)
+
+
 # The order of the report: what pre-training made, post-training, then serving and quantizing the base.
 STAGES: list[tuple[str, Callable[[Context], Section]]] = [
     ("samples from the base model", samples_stage), ("SFT: fine-tune on synthetic tasks", sft_stage),
     ("preference tuning: verifier pairs, DPO, reward model, judge", preference_stage),
+    ("RLVR: GRPO on execution rewards, and its audit", grpo_stage),
     ("serving: distill a speculative draft, measure decoding", serving_stage),
     ("quantization damage scorecard", quant_stage)]
 
@@ -160,9 +170,16 @@ def headline(ctx: Context) -> list[str]:
         (f"DPO: sampled pass@1 {pref['sampled_pass']['SFT']:.1%} -> {pref['sampled_pass']['DPO']:.1%}, greedy "
          f"{pref['greedy_pass']['SFT']:.1%} -> {pref['greedy_pass']['DPO']:.1%} on {pref['heldout_tasks']} held-out "
          "tasks (intervals in the report)") if pref else "DPO: no pairs (see the report)",
+        _grpo_headline(ctx.results["grpo"]),
         f"serving: {serving['decode_tok_s']:,.0f} tok/s decode at batch 1, speculative decoding "
         f"{serving['speculative_speedup']:.2f}x",
     ]
+
+
+def _grpo_headline(grpo: dict[str, Any]) -> str:
+    held = grpo["heldout"] or {}
+    moves = ", ".join(f"{how} pass@1 {e['before']:.1%} -> {e['after']:.1%}" for how, e in held.items())
+    return f"GRPO: {moves or 'no held-out tasks'}; {grpo['flagged_rate']:.1%} of its completions flagged by the audit"
 
 
 def _reused(flag: bool | None) -> str:

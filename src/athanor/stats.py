@@ -40,3 +40,19 @@ def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, fl
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = z * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def paired_diff_text(values: list[float]) -> str:
+    """A paired difference of rates (after minus before, per task) in points, with its 95% interval."""
+    if not any(values):
+        return "+0.0 points (no task's result changed)"
+    mean, low, high = mean_interval(values)
+    return f"{mean * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}]"
+
+
+def paired_verdict(values: list[float]) -> str:
+    """What a paired difference shows: a change only where its 95% interval excludes 0."""
+    if not any(values):
+        return "did not change"
+    _, low, high = mean_interval(values)
+    return "raised" if low > 0 else "lowered" if high < 0 else "did not measurably change"

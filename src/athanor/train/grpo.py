@@ -60,6 +60,7 @@ from athanor.model.hf import load_pretrained
 from athanor.model.linear_ce import linear_token_logprobs
 from athanor.model.llama import LlamaModel
 from athanor.model.lora import adapters_disabled
+from athanor.report import plot_rl_curves
 from athanor.rl import grpo as rl
 from athanor.rl.environment import ENVIRONMENTS, EnvironmentName, make_environment
 from athanor.rl.rewards import REWARD_FUNCTIONS, Replies, RewardFunction
@@ -73,6 +74,7 @@ from athanor.train.ppo import TaskDataConfig, load_tasks
 from athanor.train.rollout import Sampled, entropy_sum, minibatches, response_rows, sample_episodes, sample_replies
 
 ROLLOUT_LOG = "rollouts.jsonl"
+CURVES = "rl_curves.png"  # reward, held-out pass@1, entropy/KL, lengths over steps
 
 
 def _grpo_loss_defaults() -> rl.GRPOLossConfig:
@@ -381,6 +383,8 @@ def grpo(recipe: GRPORecipe, show_progress: bool = True, rewards: dict[str, Rewa
         if before is not None:
             result["heldout"] = compare(before, heldout_pass(policy, tok, heldout, recipe.grpo))
         save_run(trainer, recipe.base, lora_info, out_dir, tok, info, result)
+        if info.is_main:
+            plot_rl_curves(out_dir / "metrics.jsonl", out_dir / CURVES)
         return result
     finally:
         dist.teardown()

@@ -35,7 +35,7 @@ from athanor.model.hf import load_pretrained
 from athanor.report import markdown_table, resume_note
 from athanor.rl.judge import JudgeConfig, judge_pairs, verifier_labels
 from athanor.stage import Context, Section
-from athanor.stats import mean_interval, wilson_interval
+from athanor.stats import paired_diff_text, paired_verdict, wilson_interval
 from athanor.tokenizer import Tokenizer
 from athanor.train.behavior import evaluate_behavior, sampled_pass_rates
 from athanor.train.dpo import DPORecipe, PreferenceDataConfig, dpo
@@ -71,21 +71,6 @@ def _train(steps: int, lr: float, device: str) -> TrainConfig:
 
 def _pct(rate: float, low: float, high: float) -> str:
     return f"{rate:.1%} [{low:.1%}, {high:.1%}]"
-
-
-def _diff(values: list[float]) -> str:
-    if not any(values):
-        return "+0.0 points (no task's result changed)"
-    mean, low, high = mean_interval(values)
-    return f"{mean * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}]"
-
-
-def _verdict(values: list[float]) -> str:
-    """What a paired difference shows: a change only where its 95% interval excludes 0."""
-    if not any(values):
-        return "did not change"
-    _, low, high = mean_interval(values)
-    return "raised" if low > 0 else "lowered" if high < 0 else "did not measurably change"
 
 
 def speedrun_stage(ctx: Context) -> Section:
@@ -180,10 +165,11 @@ def _markdown(knobs: SpeedrunPreference, result: dict[str, Any], greedy: dict[st
         "",
         markdown_table(rows),
         "",
-        f"DPO minus SFT, paired by task (95% interval over the {n} tasks): greedy pass@1 {_diff(greedy_diff)}, "
-        f"sampled pass@1 {_diff(sampled_diff)}. So DPO {_verdict(sampled_diff)} the sampled pass@1 (the chance that "
+        f"DPO minus SFT, paired by task (95% interval over the {n} tasks): greedy pass@1 "
+        f"{paired_diff_text(greedy_diff)}, sampled pass@1 {paired_diff_text(sampled_diff)}. So DPO "
+        f"{paired_verdict(sampled_diff)} the sampled pass@1 (the chance that "
         f"one reply sampled at temperature {knobs.eval_temperature} solves a task, Chen et al. 2021) and "
-        f"{_verdict(greedy_diff)} the greedy one (the mode of the distribution, which moves last).",
+        f"{paired_verdict(greedy_diff)} the greedy one (the mode of the distribution, which moves last).",
         "",
     ]
     if rm_result.get("heldout_pairs"):
