@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from memory import reset_peak, save_speedrun_model, status_mb
+
 PAD_ID, EOS_ID = 0, 1  # the two special ids; every other id is an ordinary token
 
 
@@ -50,33 +52,6 @@ def synthetic_pairs(args: argparse.Namespace) -> list[tuple[list[int], list[int]
 
     return [(ids(args.prompt_len), ids(args.answer_len - 1) + [EOS_ID], ids(args.answer_len - 1) + [EOS_ID])
             for _ in range(args.pairs * args.steps)]
-
-
-def save_model(args: argparse.Namespace, out: Path) -> None:
-    """The speedrun-shaped model with seed-0 weights, in the transformers layout both sides load."""
-    import torch
-
-    from athanor.model.hf import save_pretrained
-    from athanor.model.llama import LlamaModel, ModelConfig
-
-    torch.manual_seed(0)
-    save_pretrained(LlamaModel(ModelConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(512, args.prompt_len + args.answer_len))), out)
-
-
-def reset_peak() -> float:
-    """Reset the resident high-water mark to the current resident set (Linux); returns that, in MB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return status_mb("VmRSS")
-
-
-def status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def run_athanor(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -170,7 +145,7 @@ def side(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(args, Path(tmp))
+        save_speedrun_model(args, Path(tmp), args.prompt_len + args.answer_len)
         result = (run_athanor if args.side == "athanor" else run_trl)(args, Path(tmp))
     result["step_peak_mb"] = status_mb("VmHWM") - result["base_mb"]
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -61,6 +61,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from memory import reset_peak, save_speedrun_model, status_mb
+
 N_SPECIAL = 7  # athanor's special tokens take ids 0-6; every other id is an ordinary word "tN"
 
 
@@ -85,10 +87,7 @@ def save_model(args: argparse.Namespace, out: Path) -> None:
     """The speedrun-shaped model with seed-0 weights and the word-level tokenizer, in the transformers
     layout both sides load."""
     import tokenizers
-    import torch
 
-    from athanor.model.hf import save_pretrained
-    from athanor.model.llama import LlamaModel, ModelConfig
     from athanor.tokenizer import SPECIAL_TOKENS, Tokenizer
 
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(N_SPECIAL, args.vocab)}
@@ -96,24 +95,7 @@ def save_model(args: argparse.Namespace, out: Path) -> None:
     hf.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     hf.add_special_tokens(SPECIAL_TOKENS)  # split out of text before the words (TRL's rendered template)
     Tokenizer(hf).save(out)
-    torch.manual_seed(0)
-    save_pretrained(LlamaModel(ModelConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(512, args.prompt_len + args.completion_len))), out)
-
-
-def reset_peak() -> float:
-    """Reset the resident high-water mark to the current resident set (Linux); returns that, in MB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return status_mb("VmRSS")
-
-
-def status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
+    save_speedrun_model(args, out, args.prompt_len + args.completion_len)
 
 
 def timed(phases: dict[str, float], name: str, fn: Callable) -> Callable:
