@@ -219,3 +219,22 @@ def test_a_rerun_resumes_the_trajectory(work, tmp_path):
         assert agent(url, work, tmp_path).run("task").answer == "done"
     with ChatServer(Script([])) as url, pytest.raises(AthanorError, match="another task"):
         agent(url, work, tmp_path).run("a different task")
+
+
+def test_the_agent_command(work, tmp_path, capsys):
+    from athanor.cli import main
+
+    script = Script([native(call("edit_file", path="calc.py", old="a - b", new="a + b")), "Fixed add()."])
+    traj = tmp_path / "t.jsonl"
+    with ChatServer(script) as url:
+        argv = ["agent", "--model", url, "--workdir", str(work), "--task", "fix calc.py", "--trajectory", str(traj)]
+        assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "Fixed add()." and "done: 2 steps" in out.err
+    assert "a + b" in (work / "calc.py").read_text()
+    (tmp_path / "bad.json").write_text('{"mcpServers": {"x": {"command": 3}}}')
+    assert main([*argv, "--mcp-config", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: field 'mcpServers.x.command'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["agent", "--help"])
+    assert e.value.code == 0 and "--trajectory" in capsys.readouterr().out

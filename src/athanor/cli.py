@@ -466,11 +466,11 @@ def cmd_agent(args: argparse.Namespace, overrides: list[str]) -> None:
     workspace = Workspace(args.workdir, Limits(wall_s=args.tool_seconds, cpu_s=max(1, int(args.tool_seconds))))
     servers = {}
     if args.mcp_config or args.mcp:
-        _need_mcp()
         from athanor.agent.mcp_client import load_config, parse_cli_spec
 
-        servers = load_config(args.mcp_config) if args.mcp_config else {}
+        servers = load_config(args.mcp_config) if args.mcp_config else {}  # a bad config is told first
         servers.update(parse_cli_spec(spec, i) for i, spec in enumerate(args.mcp or [], 1))
+        _need_mcp()
     limits = AgentLimits(max_steps=args.max_steps, max_seconds=args.max_seconds, max_tokens=args.max_tokens,
                          context=args.context, reply_tokens=args.reply_tokens)
     lm = EndpointLM(args.model, args.model_name, retries=args.retries)
