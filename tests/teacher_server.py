@@ -21,9 +21,10 @@ from athanor.serve.sampling import SamplingParams
 
 class ChatServer:
     """`with ChatServer(reply) as url:` serves POST {url}/chat/completions until the block ends. A reply
-    function that raises makes the server answer HTTP 500 (a server that breaks mid-run)."""
+    function that raises makes the server answer HTTP 500 (a server that breaks mid-run). A reply is
+    the assistant's text, or a whole assistant message (with `tool_calls`, for the agent's tests)."""
 
-    def __init__(self, reply: Callable[[dict[str, Any]], str]) -> None:
+    def __init__(self, reply: Callable[[dict[str, Any]], str | dict[str, Any]]) -> None:
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,13 +35,14 @@ class ChatServer:
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 try:
                     with lock:
-                        text = reply(req)
+                        answer = reply(req)
                 except Exception as e:  # noqa: BLE001 (any failure of the rule is the server's 500)
                     self.send_error(500, str(e))
                     return
                 body = json.dumps({"object": "chat.completion", "model": req.get("model"),
                                    "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": text}}]}).encode()
+                                                "message": answer if isinstance(answer, dict) else
+                                                {"role": "assistant", "content": answer}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -443,6 +443,60 @@ def cmd_audit(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"-> {out}")
 
 
+def _need_mcp() -> None:
+    """MCP is an optional extra: say how to get it rather than fail on an import."""
+    import importlib.util
+
+    if importlib.util.find_spec("mcp") is None:
+        raise AthanorError("MCP needs the agent extra (the `mcp` package is not installed): "
+                           "pip install 'athanor[agent]' (in a clone: pip install -e '.[agent]')")
+
+
+def cmd_agent(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from contextlib import ExitStack
+
+    from athanor.agent.loop import Agent, AgentLimits
+    from athanor.agent.tools import Workspace
+    from athanor.lm.endpoint import EndpointLM
+    from athanor.rl.sandbox import Limits
+
+    task = Path(args.task[1:]).read_text() if args.task.startswith("@") else args.task
+    workspace = Workspace(args.workdir, Limits(wall_s=args.tool_seconds, cpu_s=max(1, int(args.tool_seconds))))
+    servers = {}
+    if args.mcp_config or args.mcp:
+        from athanor.agent.mcp_client import load_config, parse_cli_spec
+
+        servers = load_config(args.mcp_config) if args.mcp_config else {}  # a bad config is told first
+        servers.update(parse_cli_spec(spec, i) for i, spec in enumerate(args.mcp or [], 1))
+        _need_mcp()
+    limits = AgentLimits(max_steps=args.max_steps, max_seconds=args.max_seconds, max_tokens=args.max_tokens,
+                         context=args.context, reply_tokens=args.reply_tokens)
+    lm = EndpointLM(args.model, args.model_name, retries=args.retries)
+    with ExitStack() as stack:
+        tools = workspace.tools()
+        if servers:
+            from athanor.agent.mcp_client import MCPTools
+
+            tools += stack.enter_context(MCPTools(servers)).tools
+        agent = Agent(lm, tools, args.trajectory, limits, tool_format=args.tool_format,
+                      temperature=args.temperature, log=lambda line: print(line, file=sys.stderr))
+        result = agent.run(task)
+    print(result.answer)
+    print(f"[{result.reason}: {result.steps} steps, {result.tokens} tokens, {result.seconds:.0f} s; "
+          f"trajectory: {args.trajectory}]", file=sys.stderr)
+
+
+def cmd_mcp_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    _need_mcp()
+    from athanor.agent.mcp_server import serve
+
+    serve(args.http, args.host, args.model)
+
+
 def _add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace what is already in --out; without it a non-empty --out is refused, so "
@@ -879,6 +933,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", metavar="RUN_OR_LOG", help="a run directory holding rollouts.jsonl, or a rollout JSONL file")
     p.add_argument("--force", action="store_true", help="replace an existing audit.json")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("agent", help="let a model work on files with tools (bash, Python, edit, MCP servers' tools)",
+                       description="Run an agent: a model behind any OpenAI-compatible endpoint (`athanor serve`, "
+                                   "vLLM, llama.cpp's server, OpenAI) works on --task in --workdir with tools: "
+                                   "bash and Python (in the sandbox: no network, limits), read / write / edit a "
+                                   "file and search (confined to the work dir), and the tools of any MCP server "
+                                   "given. It stops when the model answers without calling a tool, or at a limit. "
+                                   "Every step is appended to --trajectory (JSONL); running the same command "
+                                   "again resumes from it. The answer goes to stdout, progress to stderr. "
+                                   "Server errors (connection, HTTP 5xx) are retried with backoff.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="URL",
+                   help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model-name", default="default", help="the model to ask the endpoint for (default 'default')")
+    p.add_argument("--task", required=True, help="what to do, in words; @FILE reads it from a file")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="the directory the agent works in (must exist)")
+    p.add_argument("--trajectory", required=True, metavar="FILE",
+                   help="JSONL file of every step; an existing one for the same task is resumed")
+    p.add_argument("--tool-format", choices=["openai", "text"], default="openai",
+                   help="openai: tools and tool_calls as in the OpenAI API (default); text: tools described "
+                        "in the system prompt and called with <tool_call>{...}</tool_call> blocks, for small "
+                        "models and servers without tool calls (like `athanor serve`)")
+    p.add_argument("--mcp-config", metavar="FILE",
+                   help='JSON file {"mcpServers": {NAME: {"command": ..., "args": [...]} or {"url": ...}}}: '
+                        "their tools join the agent's (needs the agent extra: pip install 'athanor[agent]')")
+    p.add_argument("--mcp", action="append", metavar="SPEC",
+                   help="one more MCP server: a command line to start (stdio) or an http(s) URL, optionally "
+                        "NAME=... first; repeatable")
+    p.add_argument("--max-steps", type=int, default=30, help="most model replies (default 30)")
+    p.add_argument("--max-seconds", type=float, default=900, help="most wall-clock seconds (default 900)")
+    p.add_argument("--max-tokens", type=int, default=500_000,
+                   help="most prompt + completion tokens over the run (default 500000)")
+    p.add_argument("--context", type=int, default=8192,
+                   help="the model's context window in tokens; old tool outputs are dropped to fit (default 8192)")
+    p.add_argument("--reply-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)")
+    p.add_argument("--tool-seconds", type=float, default=30, help="time limit of one bash/python run (default 30)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="retries of a failed model request, with exponential backoff from 0.5 s (default 4)")
+    p.set_defaults(func=cmd_agent)
+
+    mcp = sub.add_parser("mcp", help="athanor's tools as an MCP server",
+                         description="Model Context Protocol commands (needs the agent extra: "
+                                     "pip install 'athanor[agent]').")
+    mcp_sub = mcp.add_subparsers(dest="mcp_command", required=True, metavar="ACTION")
+    p = mcp_sub.add_parser("serve", help="serve athanor's tools (sandboxed run, next-token view) over MCP",
+                           description="Serve athanor's tools to any MCP client: `sandbox_run` (Python or bash in "
+                                       "the sandbox) and, with --model, `next_token` (a model's likeliest next "
+                                       "tokens after a prefix). Over stdio by default (a client starts this "
+                                       "command itself, e.g. {\"command\": \"athanor\", \"args\": [\"mcp\", "
+                                       "\"serve\"]}), or over streamable HTTP at http://HOST:PORT/mcp with --http.")
+    p.add_argument("--http", type=int, metavar="PORT", help="serve over streamable HTTP on this port instead of stdio")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on with --http (default 127.0.0.1)")
+    p.add_argument("--model", metavar="RUN_DIR", help="a run directory: adds the next_token tool")
+    p.set_defaults(func=cmd_mcp_serve)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
                                                                          "merge` folds a trained low-rank adapter "

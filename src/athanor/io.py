@@ -7,11 +7,12 @@ itself survives a power cut.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from athanor.errors import AthanorError
 
@@ -69,3 +70,33 @@ def refuse_to_overwrite(path: str | Path, force: bool) -> None:
         return
     what = "directory is not empty" if path.is_dir() else "file exists"
     raise AthanorError(f"{what}; pass --force to replace it, or choose another --out", path=path)
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to an append-only log (a resumable output), on disk before this returns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: str | Path, what: str) -> list[dict[str, Any]]:
+    """The records of an `append_record` log (none if it does not exist). A crash mid-append can only
+    tear the last line: that one is dropped (with a warning) and the file rewritten without it; a bad
+    line anywhere else is an error naming it (`what` says what the file is)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n != len(lines):
+                raise AthanorError(f"corrupt line in the {what}", path=path, line=n) from None
+            print(f"warning: {path}:{n}: dropping a torn last line (an interrupted write)")
+            atomic_write_text(path, "".join(ln + "\n" for ln in lines[:-1]))
+    return records

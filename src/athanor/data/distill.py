@@ -20,8 +20,6 @@ nothing, and running the same command again resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
 import re
 from collections.abc import Callable
@@ -32,7 +30,7 @@ from typing import Any
 from athanor.data.formats import load_examples
 from athanor.data.synth import extract_code, ngrams
 from athanor.errors import AthanorError
-from athanor.io import atomic_write_text
+from athanor.io import append_record, read_records
 from athanor.lm import LM, open_lm
 from athanor.lm.endpoint import EndpointError
 from athanor.serve.sampling import SamplingParams
@@ -89,33 +87,13 @@ class _Output:
 
     def __init__(self, path: Path) -> None:
         self.path, self.rejected_path = path, path.with_suffix(".rejected.jsonl")
-        self.accepted: list[dict[str, Any]] = self._read(self.path)
-        self.rejected: list[dict[str, Any]] = self._read(self.rejected_path)
-
-    @staticmethod
-    def _read(path: Path) -> list[dict[str, Any]]:
-        if not path.is_file():
-            return []
-        lines = path.read_text().splitlines()
-        records = []
-        for n, line in enumerate(lines, 1):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if n != len(lines):  # only the last line can be torn by a crash mid-write
-                    raise AthanorError("corrupt line in the distillation output", path=path, line=n) from None
-                print(f"warning: {path}:{n}: dropping a torn last line (an interrupted write)")
-                atomic_write_text(path, "".join(ln + "\n" for ln in lines[:-1]))
-        return records
+        self.accepted: list[dict[str, Any]] = read_records(self.path, "distillation output")
+        self.rejected: list[dict[str, Any]] = read_records(self.rejected_path, "distillation output")
 
     def append(self, record: dict[str, Any], accepted: bool) -> None:
         path = self.path if accepted else self.rejected_path
         (self.accepted if accepted else self.rejected).append(record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(path, record)
 
 
 def _verify_code(answer: str) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ from athanor.errors import AthanorError
 from athanor.lm import Completion, Message, per_prompt
 from athanor.serve.sampling import OPENAI_FIELDS, SamplingParams
 
+# Answers that say "not now" rather than "no": an overloaded or restarting server, a rate limit.
+TRANSIENT_HTTP = {429, 500, 502, 503, 504}
+
 
 class EndpointError(AthanorError):
     """The endpoint is unreachable, refused the request, or answered something that is not a completion."""
@@ -28,11 +32,12 @@ class EndpointError(AthanorError):
 
 class EndpointLM:
     def __init__(self, base_url: str, model: str = "default", api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 120.0, retries: int = 2, concurrency: int = 8) -> None:
+                 timeout: float = 120.0, retries: int = 2, concurrency: int = 8, backoff_s: float = 0.5) -> None:
         """`api_key_env` names the environment variable with the API key (unset: no key is sent);
-        `retries`: tries again after a connection failure (not after an HTTP error answer)."""
+        `retries`: tries again after a connection failure or a transient HTTP answer (429, 500,
+        502-504), waiting `backoff_s`, then twice as long each time; any other HTTP error is final."""
         self.base_url, self.model = base_url.rstrip("/"), model
-        self.timeout, self.retries, self.concurrency = timeout, retries, concurrency
+        self.timeout, self.retries, self.concurrency, self.backoff_s = timeout, retries, concurrency, backoff_s
         self.api_key = os.environ.get(api_key_env, "")
         self.name = f"{model} at {base_url}"
 
@@ -67,6 +72,20 @@ class EndpointLM:
 
         return self._map(one, conversations, params)
 
+    def chat_turn(self, messages: Sequence[Message], params: SamplingParams,
+                  tools: Sequence[dict[str, Any]] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One assistant message as the endpoint sent it (OpenAI layout: `content`, and `tool_calls`
+        when the model called `tools`, given as OpenAI function definitions), and the usage. For
+        callers that keep the whole message, like the agent, rather than its text."""
+        body = self._body(params, messages=[dict(m) for m in messages])
+        if tools:
+            body["tools"] = list(tools)
+        choice, usage = self._post("/chat/completions", body)
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise EndpointError(f"{self.base_url} returned a choice without a message: {choice!r:.200}")
+        return message, usage
+
     def _map(self, one: Any, items: Sequence[Any], params: SamplingParams | Sequence[SamplingParams]
              ) -> list[Completion]:
         plist = per_prompt(params, len(items))
@@ -100,20 +119,23 @@ class EndpointLM:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last: Exception | None = None
-        for _ in range(self.retries + 1):
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 request = urllib.request.Request(url, json.dumps(body).encode(), headers)
                 with urllib.request.urlopen(request, timeout=self.timeout) as r:
                     raw = r.read()
                 break
-            except urllib.error.HTTPError as e:  # the server answered: retrying will not help
+            except urllib.error.HTTPError as e:
                 detail = e.read()[:200].decode(errors="replace")
-                raise EndpointError(f"{url} answered HTTP {e.code}: {detail!r}") from None
+                failure = EndpointError(f"{url} answered HTTP {e.code}: {detail!r}")
+                if e.code not in TRANSIENT_HTTP:  # the server said no: asking again will not help
+                    raise failure from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = e
+                failure = EndpointError(f"{url} is unreachable: {getattr(e, 'reason', e)}")
         else:
-            raise EndpointError(f"{url} is unreachable: {getattr(last, 'reason', last)}")
+            raise failure from None
         try:
             reply = json.loads(raw)
             return reply["choices"][0], reply.get("usage") or {}

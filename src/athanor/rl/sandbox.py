@@ -62,6 +62,7 @@ BOOTSTRAP = Path(__file__).with_name("sandbox_init.py")
 # The bootstrap reports at the deadline; the parent kills the session only if it has not reported
 # this long after (it was stopped or killed), so load on the machine cannot pre-empt its report.
 BACKSTOP_S = 10.0
+SHARE = "share"  # where run_python's `share` directory lies inside the work dir
 
 
 class SandboxUnavailable(AthanorError):
@@ -152,11 +153,14 @@ def _verdict(status: dict, stderr: str, timed_out: bool) -> tuple[Verdict, int |
 
 
 def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", files: dict[str, str] | None = None,
-               read_back: tuple[str, ...] = (), allow_unisolated: bool = False) -> SandboxResult:
+               read_back: tuple[str, ...] = (), share: str | Path | None = None,
+               allow_unisolated: bool = False) -> SandboxResult:
     """Run the Python program `code` in the sandbox and say what happened.
 
     `files` are written into the work dir first (e.g. a test file next to the solution);
-    `read_back` names work-dir files to return in `result.files`. Raises `SandboxUnavailable`
+    `read_back` names work-dir files to return in `result.files`. `share`: a directory of the
+    caller's (an agent's work dir) copied into the work dir as `share/` before the run and made
+    equal to what the program left there after it (see `_copy_back`). Raises `SandboxUnavailable`
     where namespaces are not allowed, unless `allow_unisolated` (trusted code only).
     """
     limits = limits or Limits()
@@ -175,13 +179,17 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
                 raise AthanorError(f"sandbox file name {name!r} leaves the work dir")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(content)
+        if share is not None:
+            # A copy, not a bind mount: the program never holds a handle on the caller's files, and
+            # what comes back is checked file by file (no links, no devices) on the way out.
+            shutil.copytree(share, work / SHARE, symlinks=True)
         (tmp_path / "stdin").write_text(stdin)
         uid = None
         if why is None and os.geteuid() == 0:
             uid = random.SystemRandom().randrange(*SANDBOX_UIDS)
             tmp_path.chmod(0o711)  # the program's uid may pass through to its work dir, not list here
             for path in (work, *work.rglob("*")):
-                os.chown(path, uid, uid)
+                os.chown(path, uid, uid, follow_symlinks=False)  # a shared dir may hold links
         needed = [str(work), sys.prefix, sys.base_prefix, sys.exec_prefix,
                   os.path.dirname(os.path.realpath(sys.executable))]
         # CLOCK_MONOTONIC is one clock for the whole host (no time namespace here): the deadline
@@ -229,12 +237,43 @@ def run_python(code: str, limits: Limits | None = None, *, stdin: str = "", file
         cap = limits.output_kb * 1024
         stdout, stderr = _read_capped(tmp_path / "stdout", cap), _read_capped(tmp_path / "stderr", cap)
         verdict, code, sig, detail = _verdict(status, stderr, timed_out)
+        if share is not None:
+            _copy_back(work / SHARE, Path(share))
         back = {}
         for name in read_back:
             p = work / name
             if p.is_file() and not p.is_symlink():
                 back[name] = p.read_bytes()[:cap]
         return SandboxResult(verdict, code, sig, stdout, stderr, wall, why is None, detail, back)
+
+
+def _copy_back(src: Path, dst: Path) -> None:
+    """Make `dst` hold what the program left in `src`: its regular files and directories only. A
+    symbolic link (it could point anywhere on the host once outside), a FIFO or a device is not
+    brought back; a file the program deleted is deleted."""
+    dst.mkdir(parents=True, exist_ok=True)
+    kept = set()
+    for entry in src.iterdir() if src.is_dir() and not src.is_symlink() else ():
+        kept.add(entry.name)
+        target = dst / entry.name
+        if entry.is_symlink() or not (entry.is_file() or entry.is_dir()):
+            continue
+        if entry.is_dir():
+            if target.is_file() or target.is_symlink():
+                target.unlink()
+            _copy_back(entry, target)
+        else:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.is_symlink():
+                target.unlink()
+            shutil.copyfile(entry, target)
+    for old in dst.iterdir():
+        if old.name not in kept:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
 
 
 def run_many(programs: Sequence[str], limits: Limits | None = None, *, stdins: Sequence[str] | None = None,
