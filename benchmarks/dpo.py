@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import reset_peak, save_speedrun_model, status_mb
+from side_by_side import add_shape_args, reset_peak, save_speedrun_model, status_mb
 
 PAD_ID, EOS_ID = 0, 1  # the two special ids; every other id is an ordinary token
 
@@ -179,12 +179,7 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_shape_args(p)
     p.add_argument("--side", choices=["athanor", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:

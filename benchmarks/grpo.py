@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from memory import reset_peak, save_speedrun_model, status_mb
+from side_by_side import add_shape_args, reset_peak, save_speedrun_model, status_mb
 
 N_SPECIAL = 7  # athanor's special tokens take ids 0-6; every other id is an ordinary word "tN"
 
@@ -252,12 +252,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--epsilon", type=float, default=0.2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=4096)
+    add_shape_args(p)
     p.add_argument("--raw", help="also write every process's per-step times and phases to this JSON file")
     p.add_argument("--side", choices=["athanor", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()

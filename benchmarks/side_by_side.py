@@ -7,6 +7,16 @@ import argparse
 from pathlib import Path
 
 
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model's size arguments, the speedrun's shape by default."""
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--vocab", type=int, default=4096)
+
+
 def save_speedrun_model(args: argparse.Namespace, out: Path, positions: int) -> None:
     """The speedrun-shaped model (`args`' sizes) with seed-0 weights, in the transformers layout."""
     import torch
