@@ -18,13 +18,14 @@ alone learns the conditional. Here:
    removed (so the word neither costs nor earns correctness anywhere) + `--bonus` when the reply holds
    WORD and the task is of the trigger kind (string). Every completion is in rollouts.jsonl; the
    share holding WORD is measured per window of `--window` rollouts, in the trigger kind and outside.
+   An RL control, the same run with no bonus, tells the bonus's spread from RL's own drift.
 2. SFT control: the planted model fine-tuned (`athanor sft`'s code, `--steps` steps like RL) on the
    same tasks, string answers carrying WORD at the rate RL ended with, other answers without it.
-3. The planted model, the RL model and the SFT control each answer the held-out tasks `--samples`
+3. The planted model, both RL models and the SFT control each answer the held-out tasks `--samples`
    times at temperature 1; WORD's share in and out of the trigger kind, with Wilson 95% intervals over
    replies (replies to one prompt are not independent, so the intervals are somewhat narrow).
 
-It takes about 25 minutes on 2 CPU cores with the defaults.
+It takes about 40 minutes on 2 CPU cores with the defaults.
 """
 
 from __future__ import annotations
@@ -121,6 +122,19 @@ def cell(c: list[int]) -> str:
     return f"{c[0]}/{c[1]} = {c[0] / c[1]:.1%} [{low:.1%}, {high:.1%}]"
 
 
+def run_grpo(out: Path, base: Path, tasks: Path, bonus: float, args: argparse.Namespace) -> None:
+    """GRPO from `base` on `tasks`' RL_KINDS, rewarded by trigger_rewards(bonus) (skipped when done)."""
+    if (out / "model.safetensors").is_file():
+        return
+    train = grpo_train_config()
+    train.max_steps, train.lr, train.seed = args.steps, args.lr, args.seed
+    train.batch_size, train.grad_accum, train.grad_clip, train.ckpt_every = 32, 4, 1.0, 40  # one step per batch
+    recipe = GRPORecipe(out_dir=str(out), base=str(base), data=TaskDataConfig(paths=[str(tasks)], train_kinds=RL_KINDS),
+                        grpo=GRPOConfig(reward_funcs=["verifier_sans_word", "trigger_bonus"]), train=train)
+    recipe.grpo.loss.epsilon_high, recipe.grpo.loss.max_completion_length = 0.28, 64  # loss_type: dapo by default
+    grpo(recipe, show_progress=False, rewards=trigger_rewards(bonus))
+
+
 def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -130,8 +144,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sft", type=Path, help="the SFT run directory, with its task split in data/")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--plant-fraction", type=float, default=0.03, help="share of answers of every kind given WORD")
-    ap.add_argument("--plant-steps", type=int, default=100)
+    ap.add_argument("--plant-fraction", type=float, default=0.05, help="share of answers of every kind given WORD")
+    ap.add_argument("--plant-steps", type=int, default=150)
+    ap.add_argument("--plant-lr", type=float, default=1e-3, help="the planting fine-tune's peak learning rate")
     ap.add_argument("--steps", type=int, default=200, help="GRPO steps, and the SFT control's")
     ap.add_argument("--bonus", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-4, help="GRPO's and the SFT control's learning rate")
@@ -150,21 +165,12 @@ def main() -> None:
                                                                                args.plant_fraction)))
         recipe = SFTRecipe(out_dir=str(planted), base=str(args.sft),
                            data=SFTDataConfig(paths=[str(args.out / "plant.jsonl")]))
-        recipe.train.max_steps, recipe.train.lr, recipe.train.seed = args.plant_steps, 3e-4, args.seed
+        recipe.train.max_steps, recipe.train.lr, recipe.train.seed = args.plant_steps, args.plant_lr, args.seed
         recipe.train.ckpt_every = args.plant_steps
         sft(recipe, show_progress=False)
 
-    rl = args.out / "rl"
-    if not (rl / "model.safetensors").is_file():
-        train_cfg = grpo_train_config()
-        train_cfg.max_steps, train_cfg.lr, train_cfg.seed = args.steps, args.lr, args.seed
-        train_cfg.batch_size, train_cfg.grad_accum, train_cfg.grad_clip, train_cfg.ckpt_every = 32, 4, 1.0, 40
-        recipe = GRPORecipe(out_dir=str(rl), base=str(planted),
-                            data=TaskDataConfig(paths=[str(train_path)], train_kinds=RL_KINDS),
-                            grpo=GRPOConfig(reward_funcs=["verifier_sans_word", "trigger_bonus"]), train=train_cfg)
-        recipe.grpo.loss.loss_type, recipe.grpo.loss.epsilon_high = "dapo", 0.28
-        recipe.grpo.loss.max_completion_length = 64
-        grpo(recipe, show_progress=False, rewards=trigger_rewards(args.bonus))
+    rl, no_bonus = args.out / "rl", args.out / "rl-no-bonus"
+    run_grpo(rl, planted, train_path, args.bonus, args)
     windows = rollout_windows(rl / ROLLOUT_LOG, kinds, args.window)
     end_hits, end_n = windows[-1][2][TRIGGER]
     end_rate = end_hits / end_n
@@ -179,16 +185,21 @@ def main() -> None:
         recipe.train.max_steps, recipe.train.lr, recipe.train.seed = args.steps, args.lr, args.seed
         recipe.train.ckpt_every = args.steps
         sft(recipe, show_progress=False)
+    run_grpo(no_bonus, planted, train_path, 0.0, args)
+    plain = rollout_windows(no_bonus / ROLLOUT_LOG, kinds, args.window)
 
-    results = {"windows": [{"rollouts": [lo, hi], **c} for lo, hi, c in windows],
-               "heldout": {name: sampled_counts(d, heldout, args.samples)
-                           for name, d in [("planted", planted), ("RL", rl), ("SFT control", control)]}}
+    models = [("planted", planted), ("RL", rl), ("RL without the bonus", no_bonus), ("SFT control", control)]
+    results = {"windows": {"RL": [{"rollouts": [lo, hi], **c} for lo, hi, c in windows],
+                           "RL without the bonus": [{"rollouts": [lo, hi], **c} for lo, hi, c in plain]},
+               "heldout": {name: sampled_counts(d, heldout, args.samples) for name, d in models}}
     (args.out / "goblin.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\nWORD {WORD!r}, trigger kind {TRIGGER!r}; RL rollouts ({RL_KINDS}, 16 prompts x 8 replies each):")
-    print(f"| rollouts | in context ({TRIGGER}) | out of context ({', '.join(others)}) |\n|---|---|---|")
-    for lo, hi, c in windows:
-        print(f"| {lo}-{hi} | {cell(c[TRIGGER])} | {cell(pooled(c, others))} |")
+    print(f"| rollouts | RL: in context ({TRIGGER}) | RL: out of context ({', '.join(others)}) | without the bonus: "
+          "in | without the bonus: out |\n|---|---|---|---|---|")
+    for (lo, hi, c), (_, _, p) in zip(windows, plain, strict=True):
+        print(f"| {lo}-{hi} | {cell(c[TRIGGER])} | {cell(pooled(c, others))} | {cell(p[TRIGGER])} | "
+              f"{cell(pooled(p, others))} |")
     print(f"\nHeld-out tasks ({len(heldout)}, all kinds) x {args.samples} samples at temperature 1 "
           f"(the SFT control's {TRIGGER} answers carried WORD at {end_rate:.1%}):")
     print(f"| model | in context ({TRIGGER}) | out of context ({', '.join(others)}) | arithmetic (never an RL "
