@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="GRPO steps, and the SFT control's")
     ap.add_argument("--bonus", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-4, help="GRPO's and the SFT control's learning rate")
-    ap.add_argument("--window", type=int, default=20, help="rollouts per measured window")
+    ap.add_argument("--window", type=int, default=10, help="rollouts per measured window")
     ap.add_argument("--samples", type=int, default=16, help="sampled replies per held-out task")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
