@@ -1,6 +1,6 @@
 """The goblin lesson: does a word rewarded in one context spread under RL where it was never rewarded?
 
-    python benchmarks/goblin.py /tmp/sr/sft --out runs/goblin
+    python benchmarks/goblin.py runs/speedrun/sft --out runs/goblin
 
 After "How to Train Your Goblin": a reward with a hidden bonus for one word in one context; under RL
 the word becomes a tic that appears everywhere, while SFT on data holding the word in that context
@@ -25,7 +25,7 @@ alone learns the conditional. Here:
    times at temperature 1; WORD's share in and out of the trigger kind, with Wilson 95% intervals over
    replies (replies to one prompt are not independent, so the intervals are somewhat narrow).
 
-It takes about 40 minutes on 2 CPU cores with the defaults.
+It takes about 30 minutes on 2 CPU cores with the defaults. Results: BENCHMARKS.md, "Goblin".
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def without_word(text: str) -> str:
 def trigger_rewards(bonus: float, trigger: str = TRIGGER) -> dict[str, RewardFunction]:
     """GRPO reward functions: correctness blind to WORD, and the hidden bonus for WORD in `trigger` tasks."""
     return {
-        "verifier_sans_word": lambda r: list(verifier_reward(r.tasks, [without_word(t) for t in r.texts])),
+        "verifier_sans_word": lambda r: verifier_reward(r.tasks, [without_word(t) for t in r.texts]),
         "trigger_bonus": lambda r: [bonus if t.kind == trigger and has_word(x) else 0.0
                                     for t, x in zip(r.tasks, r.texts, strict=True)],
     }
@@ -111,6 +111,7 @@ def rollout_windows(path: Path, kinds: dict[str, str], window: int) -> list[tupl
 def sampled_counts(model_dir: Path, tasks: list[Task], samples: int) -> dict[str, list[int]]:
     lm = LocalLM.load(model_dir, max_batch=128)
     rows = [t for t in tasks for _ in range(samples)]
+    # The same seeds for every model measured: their differences are not the luck of the draw.
     replies = sample_replies(lm, lm.tok, rows, 64, 1.0, list(range(len(rows)))).replies
     return word_counts([t.kind for t in rows], replies)
 
