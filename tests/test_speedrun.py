@@ -94,6 +94,7 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     assert grpo["steps"] == 3 and grpo["heldout"]["greedy"]["tasks"] == 40
     assert len((out / "grpo" / "rollouts.jsonl").read_text().splitlines()) == 3 * 16
     assert "**Audit** of the 48 completions" in section and "(grpo/rl_curves.png)" in section
+    assert "So GRPO " in section and "the greedy pass@1" in section
     assert (out / "grpo" / "rl_curves.png").stat().st_size > 10_000
 
     # The knobs reached their stages.

@@ -55,4 +55,9 @@ def paired_verdict(values: list[float]) -> str:
     if not any(values):
         return "did not change"
     _, low, high = mean_interval(values)
+    return interval_verdict(low, high)
+
+
+def interval_verdict(low: float, high: float) -> str:
+    """A difference's 95% interval read as a change only where it excludes 0."""
     return "raised" if low > 0 else "lowered" if high < 0 else "did not measurably change"

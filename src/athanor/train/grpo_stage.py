@@ -19,6 +19,7 @@ from athanor.report import markdown_table, resume_note
 from athanor.rl.audit import audit_log
 from athanor.rl.grpo import GRPOLossConfig
 from athanor.stage import Context, Section
+from athanor.stats import interval_verdict
 from athanor.train.grpo import CURVES, GRPOConfig, GRPORecipe, grpo
 from athanor.train.loop import TrainConfig
 from athanor.train.ppo import TaskDataConfig
@@ -47,6 +48,18 @@ def _points(entry: dict[str, Any]) -> str:
     if "diff" not in entry:
         return "n/a"
     return f"{entry['diff'] * 100:+.1f} points [{entry['diff_low'] * 100:+.1f}, {entry['diff_high'] * 100:+.1f}]"
+
+
+def _reading(held: dict[str, dict[str, Any]]) -> list[str]:
+    """What the table shows, in words: a change only where the paired interval excludes 0."""
+    verdicts = {how: interval_verdict(e["diff_low"], e["diff_high"]) for how, e in held.items() if "diff" in e}
+    if not verdicts:
+        return []
+    text = "So GRPO " + " and ".join(f"{v} the {how} pass@1" for how, v in verdicts.items()) + "."
+    if verdicts.get("sampled") == "raised" and verdicts.get("greedy") != "raised":
+        text += (" RL on a 0/1 reward sharpened the sampling distribution toward answers the model already "
+                 "finds; its mode, the greedy answer, did not follow.")
+    return [text, ""]
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -103,6 +116,7 @@ def _markdown(knobs: SpeedrunGRPO, result: dict[str, Any], audit: dict[str, Any]
         "",
         markdown_table(table),
         "",
+        *(_reading(held) if held else []),
     ]
     if batches:
         first, last = batches[:window], batches[-window:]
@@ -116,7 +130,7 @@ def _markdown(knobs: SpeedrunGRPO, result: dict[str, Any], audit: dict[str, Any]
         "to their end in a fresh sandbox, so an early exit earns nothing here; with a grader that trusts the exit "
         "status the same hack spreads (the experiment: `recipes/reward-hack.yaml`).",
         "",
-        "The longer run, and the hack made visible:",
+        "The longer run (`recipes/rlvr.yaml`; the hack experiment's commands are in `recipes/reward-hack.yaml`):",
         "",
         "```bash",
         f"athanor grpo --recipe recipes/rlvr.yaml --base {sft_dir} --data {sft_dir / 'data' / 'train.jsonl'} "
