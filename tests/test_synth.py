@@ -137,3 +137,11 @@ def test_seed_hack_plants_the_early_exit_in_train_answers_only(tmp_path, capsys)
     assert f"{n} train answers replaced" in capsys.readouterr().out
     assert json.loads((tmp_path / "overlap.json").read_text())["hacked_train_answers"] == n
     assert read_tasks(tmp_path / "heldout.jsonl") == heldout  # held-out tasks never touched
+
+
+def test_a_missing_or_broken_task_file_is_one_clear_error(tmp_path):
+    with pytest.raises(AthanorError, match=r"missing\.jsonl: cannot read the task file \(No such file"):
+        read_tasks(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n')
+    with pytest.raises(AthanorError, match=r"bad\.jsonl:1: not a task record"):
+        read_tasks(tmp_path / "bad.jsonl")

@@ -290,8 +290,14 @@ def write_tasks(tasks: list[Task], path: str | Path) -> None:
 
 
 def read_tasks(path: str | Path) -> list[Task]:
+    """The tasks of a file `write_tasks` (or `athanor synth tasks`) wrote."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AthanorError(f"cannot read the task file ({e.strerror if isinstance(e, OSError) else e})",
+                           path=path) from None
     tasks = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rec = json.loads(line)
