@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from side_by_side import add_shape_args, reset_peak, save_speedrun_model, status_mb
+from side_by_side import add_shape_args, reset_peak, save_speedrun_model, status_mb, trl_step_clock
 
 PAD_ID, EOS_ID = 0, 1  # the two special ids; every other id is an ordinary token
 
@@ -110,17 +110,6 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     ends: list[float] = []
     base: list[float] = []
 
-    class Clock(transformers.TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            base.append(reset_peak())
-
-        def on_step_begin(self, *a, **kw):
-            if not ends:  # the first step's start; later steps run from the previous step's end
-                ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            ends.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = trl.DPOConfig(
             output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.pairs, learning_rate=args.lr,
@@ -133,7 +122,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
         peft_config = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear") \
             if args.mode == "lora" else None
         trainer = trl.DPOTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(data),
-                                 processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
+                                 processing_class=tok, peft_config=peft_config, callbacks=[trl_step_clock(ends, base)])
         ref = [[trainer.train_dataset[i]["ref_chosen_logps"], trainer.train_dataset[i]["ref_rejected_logps"]]
                for i in range(4)]
         out = trainer.train()

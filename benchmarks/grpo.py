@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from side_by_side import add_shape_args, reset_peak, save_speedrun_model, status_mb
+from side_by_side import add_shape_args, reset_peak, save_speedrun_model, status_mb, trl_step_clock
 
 N_SPECIAL = 7  # athanor's special tokens take ids 0-6; every other id is an ordinary word "tN"
 
@@ -183,18 +183,9 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
     phases: dict[str, float] = {}
     per_step: list[dict[str, float]] = []
 
-    class Clock(transformers.TrainerCallback):
-        def on_train_begin(self, *a, **kw):
-            base.append(reset_peak())
-
-        def on_step_begin(self, *a, **kw):
-            if not ends:  # the first step's start; later steps run from the previous step's end
-                ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **kw):
-            ends.append(time.perf_counter())
-            per_step.append(dict(phases))
-            phases.clear()
+    def record_phases() -> None:
+        per_step.append(dict(phases))
+        phases.clear()
 
     rows = args.prompts * args.group
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,7 +202,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path) -> dict:
             generation_kwargs={"min_new_tokens": args.completion_len})
         trainer = trl.GRPOTrainer(model=model, reward_funcs=[even], args=cfg,
                                   train_dataset=datasets.Dataset.from_list(data), processing_class=tok,
-                                  callbacks=[Clock()])
+                                  callbacks=[trl_step_clock(ends, base, record_phases)])
         prompt_ids: dict[str, list[int]] = {}
         tokenize = trainer._tokenize_prompts
 

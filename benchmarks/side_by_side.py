@@ -4,7 +4,10 @@ process's resident-memory readings (Linux /proc) that give "peak" and "step peak
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def add_shape_args(p: argparse.ArgumentParser) -> None:
@@ -42,3 +45,25 @@ def status_mb(key: str) -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(key)
+
+
+def trl_step_clock(ends: list[float], base: list[float], on_step_end: Callable[[], None] | None = None) -> Any:
+    """A transformers TrainerCallback timing TRL's steps the way athanor's side is timed: `base` gets the
+    resident set when training begins (the peak reset there), `ends` the first step's start and every
+    step's end (a step runs from the previous one's end); `on_step_end` runs after each step's stamp."""
+    import transformers
+
+    class Clock(transformers.TrainerCallback):
+        def on_train_begin(self, *a: Any, **kw: Any) -> None:
+            base.append(reset_peak())
+
+        def on_step_begin(self, *a: Any, **kw: Any) -> None:
+            if not ends:
+                ends.append(time.perf_counter())
+
+        def on_step_end(self, *a: Any, **kw: Any) -> None:
+            ends.append(time.perf_counter())
+            if on_step_end is not None:
+                on_step_end()
+
+    return Clock()

@@ -46,7 +46,11 @@ def paired_diff_text(values: list[float]) -> str:
     """A paired difference of rates (after minus before, per task) in points, with its 95% interval."""
     if not any(values):
         return "+0.0 points (no task's result changed)"
-    mean, low, high = mean_interval(values)
+    return points_text(*mean_interval(values))
+
+
+def points_text(mean: float, low: float, high: float) -> str:
+    """A difference of rates and its 95% interval, in percentage points."""
     return f"{mean * 100:+.1f} points [{low * 100:+.1f}, {high * 100:+.1f}]"
 
 

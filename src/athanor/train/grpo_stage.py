@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from athanor.report import markdown_table, resume_note
+from athanor.report import markdown_table, read_metrics, resume_note
 from athanor.rl.audit import audit_log
 from athanor.rl.grpo import GRPOLossConfig
 from athanor.stage import Context, Section
-from athanor.stats import interval_verdict
+from athanor.stats import interval_verdict, points_text
 from athanor.train.grpo import CURVES, GRPOConfig, GRPORecipe, grpo
 from athanor.train.loop import TrainConfig
 from athanor.train.ppo import TaskDataConfig
@@ -47,7 +47,7 @@ class SpeedrunGRPO:
 def _points(entry: dict[str, Any]) -> str:
     if "diff" not in entry:
         return "n/a"
-    return f"{entry['diff'] * 100:+.1f} points [{entry['diff_low'] * 100:+.1f}, {entry['diff_high'] * 100:+.1f}]"
+    return points_text(entry["diff"], entry["diff_low"], entry["diff_high"])
 
 
 def _reading(held: dict[str, dict[str, Any]]) -> list[str]:
@@ -96,8 +96,6 @@ def speedrun_stage(ctx: Context) -> Section:
 
 def _markdown(knobs: SpeedrunGRPO, result: dict[str, Any], audit: dict[str, Any], out_dir: Path, sft_dir: Path
               ) -> str:
-    from athanor.report import read_metrics
-
     batches = [r for r in read_metrics(out_dir / "metrics.jsonl") if "reward" in r]
     window = max(1, min(5, len(batches) // 3))
     held = result.get("heldout", {})
