@@ -497,6 +497,76 @@ def cmd_mcp_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     serve(args.http, args.host, args.model)
 
 
+def cmd_rag_index(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    import time
+
+    from athanor.rag.index import open_index
+
+    t0 = time.perf_counter()
+    index = open_index(args.index, dense=not args.no_dense, max_tokens=args.chunk_tokens, overlap=args.overlap)
+    report = index.update_paths(args.paths, show_progress=not args.quiet)
+    index.save(args.index)
+    for name in report.skipped or []:
+        print(f"skipped (not UTF-8 text): {name}", file=sys.stderr)
+    print(f"{args.index}: {report.chunks} passages from {len(index.files)} files; this update: "
+          f"{report.added} added, {report.changed} changed, {report.removed} removed, {report.unchanged} "
+          f"unchanged files, {report.embedded} passages embedded ({time.perf_counter() - t0:.1f} s)")
+
+
+def _rag_lm(args: argparse.Namespace) -> Any:
+    from athanor.lm import open_lm
+
+    return open_lm(args.model, args.model_name)
+
+
+def cmd_rag_ask(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.rag.answer import answer_questions
+    from athanor.rag.index import RagIndex
+
+    index = RagIndex.load(args.index)
+    hits = index.search(args.question, args.k, args.mode or ("hybrid" if index.embedder else "bm25"))
+    if args.model:
+        (answer,) = answer_questions(_rag_lm(args), [args.question], [hits], args.max_tokens)
+        print(answer.text)
+        print("\ncited: " + (", ".join(f"[{n}] {hits[n - 1].chunk.id}" for n in answer.cited) or "none"))
+        return
+    for h in hits:
+        print(f"[{h.rank}] {h.chunk.id}  (score {h.score:.4f})\n{h.chunk.text}\n")
+
+
+def cmd_rag_eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    if overrides:
+        raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
+    from athanor.rag.evaluate import (
+        SHIPPED_QUESTIONS,
+        answer_rows,
+        reachable,
+        read_questions,
+        retrieval_rows,
+        shipped_sources,
+    )
+    from athanor.rag.index import open_index
+    from athanor.report import markdown_table
+
+    questions = read_questions(args.questions or SHIPPED_QUESTIONS)[: args.limit]
+    index = open_index(args.index, dense=not args.no_dense)
+    if not index.chunks or args.paths:
+        paths = args.paths or shipped_sources(questions)
+        index.update_paths(paths, show_progress=not args.quiet)
+        index.save(args.index)
+    modes = ["bm25"] if index.embedder is None else ["bm25", "dense", "hybrid"]
+    print(f"{len(questions)} questions, {len(index.chunks)} passages from {len(index.files)} files; "
+          f"{reachable(index, questions)} questions have a gold passage in the index\n")
+    print(markdown_table(retrieval_rows(index, questions, modes)))
+    if args.model:
+        print()
+        print(markdown_table(answer_rows(_rag_lm(args), index, questions, args.k, modes[-1], args.max_tokens)))
+
+
 def _add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace what is already in --out; without it a non-empty --out is refused, so "
@@ -988,6 +1058,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on with --http (default 127.0.0.1)")
     p.add_argument("--model", metavar="RUN_DIR", help="a run directory: adds the next_token tool")
     p.set_defaults(func=cmd_mcp_serve)
+
+    rag = sub.add_parser("rag", help="retrieval-augmented generation: index files, ask with citations, evaluate",
+                         description="RAG: keep facts in an index rather than in the weights. `index` cuts files "
+                                     "into passages (Python by whole functions and classes) and indexes them for "
+                                     "BM25 and dense retrieval (all-MiniLM-L6-v2); `ask` retrieves passages for a "
+                                     "question and, with --model, lets a model answer from them citing [n]; "
+                                     "`eval` scores retrieval (recall@k, MRR) and answers (exact match, F1) on a "
+                                     "question set with gold passages.")
+    rag_sub = rag.add_subparsers(dest="rag_command", required=True, metavar="ACTION")
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument("--model", metavar="RUN_DIR|URL",
+                            help="answer with this model: a run directory or an OpenAI-compatible base URL")
+    model_args.add_argument("--model-name", default="default", help="the model to ask an endpoint for")
+    model_args.add_argument("--max-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
+    model_args.add_argument("-k", type=int, default=5, help="passages retrieved per question (default 5)")
+    p = rag_sub.add_parser("index", help="index files and directories, or update an index where they changed",
+                           description="Create the index in INDEX_DIR from PATHS (files and directories, walked "
+                                       "for text files), or update it: new and changed files are re-indexed, "
+                                       "removed ones dropped, and only passages with new text are embedded. "
+                                       "Without PATHS, the paths of the last run are re-scanned. The index is one "
+                                       "file, INDEX_DIR/index.npz, replaced atomically.")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--no-dense", action="store_true",
+                   help="BM25 only: no embedding model (needed otherwise: pip install 'athanor[rag]')")
+    p.add_argument("--chunk-tokens", type=int, default=200, help="passage size in words and marks (default 200)")
+    p.add_argument("--overlap", type=int, default=40,
+                   help="tokens of prose repeated from one passage into the next (default 40)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rag_index)
+    p = rag_sub.add_parser("ask", help="retrieve passages for a question; with --model, answer citing them",
+                           parents=[model_args],
+                           description="Print the top -k passages for QUESTION, or with --model the model's answer "
+                                       "from those passages and the passages it cites.")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("question")
+    p.add_argument("--mode", choices=["hybrid", "bm25", "dense"],
+                   help="retriever: hybrid (BM25 and dense fused by reciprocal rank; the default when the index "
+                        "has vectors), bm25 or dense")
+    p.set_defaults(func=cmd_rag_ask)
+    p = rag_sub.add_parser("eval", help="recall@k and MRR of each retriever; answer EM/F1 with --model",
+                           parents=[model_args],
+                           description="Score BM25, dense and hybrid retrieval on questions with gold passages "
+                                       "(default: the shipped set of questions about the Python standard "
+                                       "library), and with --model the answers: no passages, retrieved "
+                                       "passages, and the gold passage (oracle). An empty INDEX_DIR is first "
+                                       "filled from --paths, or from the files the questions cite.")
+    p.add_argument("index", metavar="INDEX_DIR")
+    p.add_argument("--questions", metavar="FILE",
+                   help='JSONL of {"question", "source", "gold", "answer"} (default: the shipped stdlib set)')
+    p.add_argument("--paths", nargs="+", metavar="PATH", help="files or directories to index first")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--no-dense", action="store_true", help="BM25 only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rag_eval)
 
     lora = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter commands: `athanor lora "
                                                                          "merge` folds a trained low-rank adapter "
