@@ -124,3 +124,29 @@ def test_config_and_cli_specs(tmp_path):
 def test_a_server_that_does_not_start_is_a_clear_error():
     with pytest.raises(AthanorError, match="MCP server 'gone'"):
         MCPTools({"gone": {"command": sys.executable, "args": ["-c", "import sys; sys.exit(3)"]}}, timeout_s=20)
+
+
+def test_rag_search_tool_over_mcp_and_in_the_agent(tmp_path):
+    from athanor.agent.tools import rag_tool
+    from athanor.rag.index import RagIndex
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "trains.md").write_text("The night train to Vienna leaves platform 4 at 22:10.")
+    (docs / "tea.md").write_text("Green tea is steeped at 80 degrees.")
+    index = RagIndex(None)
+    index.update_paths([docs])
+    index.save(tmp_path / "idx")
+
+    async def ask() -> list[dict]:
+        async with Client(build_server(rag_index=tmp_path / "idx")) as client:
+            assert "rag_search" in {t.name for t in (await client.list_tools()).tools}
+            return (await client.call_tool("rag_search", {"query": "Vienna train", "k": 1})).structured_content[
+                "result"]
+
+    (hit,) = asyncio.run(ask())
+    assert hit["source"].endswith("trains.md") and hit["start"] == 1 and "platform 4" in hit["text"]
+    text = rag_tool(tmp_path / "idx").call({"query": "green tea temperature", "k": 1})
+    assert text.startswith("[1] ") and "tea.md:1-1" in text and "80 degrees" in text
+    with pytest.raises(AthanorError, match="no index here"):
+        build_server(rag_index=tmp_path / "missing")

@@ -458,7 +458,7 @@ def cmd_agent(args: argparse.Namespace, overrides: list[str]) -> None:
     from contextlib import ExitStack
 
     from athanor.agent.loop import Agent, AgentLimits
-    from athanor.agent.tools import Workspace
+    from athanor.agent.tools import Workspace, rag_tool
     from athanor.lm.endpoint import EndpointLM
     from athanor.rl.sandbox import Limits
 
@@ -475,7 +475,7 @@ def cmd_agent(args: argparse.Namespace, overrides: list[str]) -> None:
                          context=args.context, reply_tokens=args.reply_tokens)
     lm = EndpointLM(args.model, args.model_name, retries=args.retries)
     with ExitStack() as stack:
-        tools = workspace.tools()
+        tools = workspace.tools() + ([rag_tool(args.rag)] if args.rag else [])
         if servers:
             from athanor.agent.mcp_client import MCPTools
 
@@ -494,7 +494,7 @@ def cmd_mcp_serve(args: argparse.Namespace, overrides: list[str]) -> None:
     _need_mcp()
     from athanor.agent.mcp_server import serve
 
-    serve(args.http, args.host, args.model)
+    serve(args.http, args.host, args.model, args.rag)
 
 
 def cmd_rag_index(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -524,7 +524,7 @@ def _rag_lm(args: argparse.Namespace) -> Any:
 def cmd_rag_ask(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise AthanorError(f"unrecognized arguments: {' '.join(overrides)}")
-    from athanor.rag.answer import answer_questions
+    from athanor.rag.answer import answer_questions, format_hits
     from athanor.rag.index import RagIndex
 
     index = RagIndex.load(args.index)
@@ -534,8 +534,7 @@ def cmd_rag_ask(args: argparse.Namespace, overrides: list[str]) -> None:
         print(answer.text)
         print("\ncited: " + (", ".join(f"[{n}] {hits[n - 1].chunk.id}" for n in answer.cited) or "none"))
         return
-    for h in hits:
-        print(f"[{h.rank}] {h.chunk.id}  (score {h.score:.4f})\n{h.chunk.text}\n")
+    print(format_hits(hits))
 
 
 def cmd_rag_eval(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -1031,6 +1030,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mcp", action="append", metavar="SPEC",
                    help="one more MCP server: a command line to start (stdio) or an http(s) URL, optionally "
                         "NAME=... first; repeatable")
+    p.add_argument("--rag", metavar="INDEX_DIR",
+                   help="an index from `athanor rag index`: adds the rag_search tool over its documents")
     p.add_argument("--max-steps", type=int, default=30, help="most model replies (default 30)")
     p.add_argument("--max-seconds", type=float, default=900, help="most wall-clock seconds (default 900)")
     p.add_argument("--max-tokens", type=int, default=500_000,
@@ -1048,15 +1049,17 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Model Context Protocol commands (needs the agent extra: "
                                      "pip install 'athanor[agent]').")
     mcp_sub = mcp.add_subparsers(dest="mcp_command", required=True, metavar="ACTION")
-    p = mcp_sub.add_parser("serve", help="serve athanor's tools (sandboxed run, next-token view) over MCP",
+    p = mcp_sub.add_parser("serve", help="serve athanor's tools (sandboxed run, next-token view, RAG) over MCP",
                            description="Serve athanor's tools to any MCP client: `sandbox_run` (Python or bash in "
-                                       "the sandbox) and, with --model, `next_token` (a model's likeliest next "
-                                       "tokens after a prefix). Over stdio by default (a client starts this "
+                                       "the sandbox), with --model `next_token` (a model's likeliest next "
+                                       "tokens after a prefix), and with --rag `rag_search` (passages of an "
+                                       "index). Over stdio by default (a client starts this "
                                        "command itself, e.g. {\"command\": \"athanor\", \"args\": [\"mcp\", "
                                        "\"serve\"]}), or over streamable HTTP at http://HOST:PORT/mcp with --http.")
     p.add_argument("--http", type=int, metavar="PORT", help="serve over streamable HTTP on this port instead of stdio")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on with --http (default 127.0.0.1)")
     p.add_argument("--model", metavar="RUN_DIR", help="a run directory: adds the next_token tool")
+    p.add_argument("--rag", metavar="INDEX_DIR", help="an index from `athanor rag index`: adds the rag_search tool")
     p.set_defaults(func=cmd_mcp_serve)
 
     rag = sub.add_parser("rag", help="retrieval-augmented generation: index files, ask with citations, evaluate",

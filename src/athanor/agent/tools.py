@@ -63,6 +63,24 @@ def argument(args: dict[str, Any], name: str, kind: type = str, default: Any = .
     return value
 
 
+def rag_tool(index_dir: str | Path, k: int = 5) -> Tool:
+    """`rag_search` over an index made by `athanor rag index`: the passages most relevant to a query."""
+    from athanor.rag.answer import format_hits
+    from athanor.rag.index import RagIndex
+
+    index = RagIndex.load(index_dir)
+    mode = "hybrid" if index.embedder else "bm25"
+
+    def search(args: dict[str, Any]) -> str:
+        return format_hits(index.search(argument(args, "query"), max(1, min(argument(args, "k", int, k), 20)),
+                                        mode))
+
+    return Tool("rag_search", f"Search the indexed documents ({len(index.files)} files) for passages relevant to a "
+                "question or keywords; returns each passage with its file and line numbers.",
+                schema({"query": "what to look for, in words or names"},
+                       {"k": ("integer", f"how many passages (default {k}, at most 20)")}), search)
+
+
 class Workspace:
     """The agent's work directory and the tools that act on it."""
 

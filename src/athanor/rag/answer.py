@@ -27,6 +27,12 @@ def rag_prompt(question: str, hits: Sequence[Hit]) -> str:
     return f"{passages}\n\n{INSTRUCTION}\nQuestion: {question}"
 
 
+def format_hits(hits: Sequence[Hit]) -> str:
+    """Passages as a reader sees them: rank, file and lines, score, then the text."""
+    text = "\n\n".join(f"[{h.rank}] {h.chunk.id}  (score {h.score:.4f})\n{h.chunk.text}" for h in hits)
+    return text or "[no passages]"
+
+
 @dataclass
 class Answer:
     question: str
