@@ -22,6 +22,7 @@ SMALL = ["--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=
          "--preference.pair_tasks=120", "--preference.k=4", "--preference.dpo_steps=10", "--preference.rm_steps=5",
          "--preference.judge_pairs=4", "--preference.eval_samples=2",
          "--grpo.steps=3", "--grpo.prompts_per_step=4", "--grpo.num_generations=4", "--grpo.eval_samples=2",
+         "--rag.questions=6",
          "--draft.steps=30", "--draft.prompts=64", "--draft.new_tokens=32", "--draft.held_out_prompts=8",
          "--serving.max_tokens=16", "--serving.speculative_prompts=2",
          "--quant.types=Q8_0,Q4_K_M,Q4_0,Q2_K", "--quant.eval_tokens=512", "--quant.imatrix_tokens=512",
@@ -61,7 +62,7 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     for heading in ["## Held-out result", "## The models this run made", "## Stages and timings", "## Loss curve",
                     "## Samples", "## Post-training: SFT", "## Post-training: preference",
-                    "## Post-training: RL on verifiable rewards", "## Serving",
+                    "## Post-training: RL on verifiable rewards", "## RAG: retrieval", "## Serving",
                     "## Quantization", "## Settings"]:
         assert heading in report
     result = json.loads((out / "eval.json").read_text())
@@ -97,6 +98,12 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     assert "So GRPO " in section and "the greedy pass@1" in section
     assert (out / "grpo" / "rl_curves.png").stat().st_size > 10_000
 
+    # The retrieval section: the 6 questions' files indexed, every retriever scored.
+    section = report[report.index("## RAG: retrieval"):report.index("## Serving")]
+    assert "6 of the shipped questions" in section and (out / "rag" / "index-hybrid" / "index.npz").is_file()
+    for mode in ["bm25", "dense", "hybrid"]:
+        assert re.search(rf"^\| {mode} \| 6 \| ", section, re.M), mode
+
     # The knobs reached their stages.
     assert json.loads((out / "draft" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
     scorecard = next(out.rglob("scorecard.json"))
@@ -105,9 +112,9 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
 
     # The console: one line per stage as it starts, bars and evaluation lines named after their stage,
     # and the headline numbers at the end.
-    for n, stage in enumerate(["pre-training", "samples", "SFT", "preference", "RLVR", "serving", "quantization"],
-                              start=1):
-        assert re.search(rf"^\[{n}/7\] {stage}", r.stdout, re.M), r.stdout
+    stages = ["pre-training", "samples", "SFT", "preference", "RLVR", "RAG", "serving", "quantization"]
+    for n, stage in enumerate(stages, start=1):
+        assert re.search(rf"^\[{n}/{len(stages)}\] {stage}", r.stdout, re.M), r.stdout
     assert "pretrain step 40: val_loss" in r.stdout
     for bar in ["pretrain", "sft", "grpo", "draft teacher", "draft"]:
         assert re.search(rf"(^|\r){bar}: +\d+%", r.stderr, re.M), bar
@@ -130,3 +137,4 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     assert "reused: made by an earlier run" in _timing_row(rerun, "token shards")
     assert "an earlier run trained all 80 steps" in _timing_row(rerun, "pre-training")
     assert "an earlier run trained all 40 steps" in _timing_row(rerun, "Post-training")
+    assert ", 0 embedded this run" in rerun[rerun.index("## RAG: retrieval"):]  # the index reloaded

