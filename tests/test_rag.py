@@ -274,3 +274,21 @@ def test_cli_index_ask_eval_and_a_bad_input(tmp_path, capsys):
     assert "| bm25 | 2 | 1.00 [" in out
     assert main(["rag", "ask", str(tmp_path / "nothing"), "q"]) == 2
     assert "no index here" in capsys.readouterr().err
+
+
+def test_the_benchmark_runs_both_sides_on_the_same_passages():
+    """benchmarks/rag.py at a small size: both BM25 sides rank the shipped questions and print the table."""
+    pytest.importorskip("rank_bm25")
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "rag.py"
+    r = subprocess.run([sys.executable, str(script), "--chunks", "1500", "--queries", "120", "--rounds", "1",
+                        "--no-dense", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("1500 passages, 120 queries (80 with gold passages")
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith(("| rank-bm25", "| athanor"))]
+    assert [row[0] for row in rows] == ["| rank-bm25 BM25Okapi", "| athanor bm25 (bm25s)"]
+    # Same passages, same terms, the same BM25 family: their recalls cannot be far apart.
+    recall10 = [float(row[6]) for row in rows]
+    assert recall10[0] > 0.1 and abs(recall10[0] - recall10[1]) <= 0.1
