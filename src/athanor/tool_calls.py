@@ -37,6 +37,8 @@ def parse_arguments(raw: Any, name: str) -> tuple[dict[str, Any] | None, str]:
     error; or None and why not. No arguments at all count as `{}`."""
     if isinstance(raw, dict):
         return raw, ""
+    if raw is not None and not isinstance(raw, str):  # already decoded, but not an object (a list, a number)
+        return None, f"the arguments of {name!r} must be a JSON object, got {json.dumps(raw)[:200]}"
     try:
         value = json.loads(raw or "{}")
     except (json.JSONDecodeError, TypeError) as e:
