@@ -1023,7 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-format", choices=["openai", "text"], default="openai",
                    help="openai: tools and tool_calls as in the OpenAI API (default); text: tools described "
                         "in the system prompt and called with <tool_call>{...}</tool_call> blocks, for small "
-                        "models and servers without tool calls (like `athanor serve`)")
+                        "models, models in athanor's own chat format (it has no tools) and servers without tool calls")
     p.add_argument("--mcp-config", metavar="FILE",
                    help='JSON file {"mcpServers": {NAME: {"command": ..., "args": [...]} or {"url": ...}}}: '
                         "their tools join the agent's (needs the agent extra: pip install 'athanor[agent]')")

@@ -12,23 +12,24 @@ reply calls one by holding a block
     {"name": "write_file", "arguments": {"path": "a.txt", "content": "hi"}}
     </tool_call>
 
-(any number of them); each result comes back as a user message `<tool_response>...</tool_response>`.
-A small model, or a server that returns no `tool_calls` (`athanor serve`), works this way. A native
+(any number of them; athanor/tool_calls.py reads them); each result comes back as a user message
+`<tool_response>...</tool_response>`. A small model, or a server that returns no `tool_calls`, works this
+way. `athanor serve` returns `tool_calls` (it reads these blocks out of the reply when the request has
+`tools`), so the native format works against it with a model whose chat template renders tools. A native
 reply without `tool_calls` is read for text calls too, since many models write them either way.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from athanor.agent.tools import Tool
+from athanor.tool_calls import parse_arguments, text_calls
 
 ToolFormat = Literal["openai", "text"]
-TEXT_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 @dataclass
@@ -42,42 +43,18 @@ class Call:
     native: bool = True  # its result goes back as a "tool" message (else as a text <tool_response>)
 
 
-def _arguments(raw: Any, name: str) -> tuple[dict[str, Any] | None, str]:
-    if isinstance(raw, dict):
-        return raw, ""
-    try:
-        value = json.loads(raw or "{}")
-    except (json.JSONDecodeError, TypeError) as e:
-        return None, f"the arguments of {name!r} are not valid JSON ({e}): {str(raw)[:200]!r}"
-    if not isinstance(value, dict):
-        return None, f"the arguments of {name!r} must be a JSON object, got {str(raw)[:200]!r}"
-    return value, ""
-
-
 def calls(message: dict[str, Any], step: int) -> list[Call]:
     """The tool calls of an assistant `message` (the `step`-th reply names text calls' ids)."""
     found = []
     for i, tc in enumerate(message.get("tool_calls") or []):
         fn = tc.get("function") or {}
         name = str(fn.get("name", ""))
-        args, error = _arguments(fn.get("arguments"), name)
+        args, error = parse_arguments(fn.get("arguments"), name)
         found.append(Call(str(tc.get("id") or f"call-{step}-{i}"), name, args, error))
     if found:
         return found
-    for i, m in enumerate(TEXT_CALL.finditer(message.get("content") or "")):
-        try:
-            block = json.loads(m.group(1))
-        except json.JSONDecodeError as e:
-            found.append(Call(f"text-{step}-{i}", "", None, f"a <tool_call> block that is not valid JSON ({e}): "
-                              f"{m.group(1)[:200]!r}", native=False))
-            continue
-        if not isinstance(block, dict) or not isinstance(block.get("name"), str):
-            found.append(Call(f"text-{step}-{i}", "", None, 'a <tool_call> block needs {"name": ..., '
-                              f'"arguments": {{...}}}}, got {m.group(1)[:200]!r}', native=False))
-            continue
-        args, error = _arguments(block.get("arguments", {}), block["name"])
-        found.append(Call(f"text-{step}-{i}", block["name"], args, error, native=False))
-    return found
+    return [Call(f"text-{step}-{i}", c.name, c.arguments, c.error, native=False)
+            for i, c in enumerate(text_calls(message.get("content") or ""))]
 
 
 def result_message(call: Call, text: str) -> dict[str, Any]:

@@ -7,14 +7,18 @@ vLLM also accepts (`top_k`, `min_p`, `repetition_penalty`) are allowed.
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
+from collections.abc import Collection
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from athanor.serve.engine import Request, TokenLogprob
 from athanor.serve.sampling import OPENAI_FIELDS, SamplingParams
 from athanor.tokenizer import Tokenizer
+from athanor.tool_calls import parse_arguments, text_calls
 
 
 class _Sampling(BaseModel):
@@ -63,19 +67,108 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    # OpenAI sends the arguments as JSON text; templates read them as a dict (Llama 3.x's and Mistral's
+    # `| tojson` would write a string as a quoted string), so they are parsed here, as vLLM does before
+    # rendering. transformers' apply_chat_template passes messages through and documents dicts.
+    arguments: dict[str, Any]
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _parsed(cls, raw: Any, info: ValidationInfo) -> dict[str, Any]:
+        args, error = parse_arguments(raw, str(info.data.get("name", "")))
+        if args is None:
+            raise ValueError(error)
+        return args
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """A message as the OpenAI API sends it: text (or a list of text parts), an assistant's `tool_calls`
+    (its content may then be null), or a tool's result (`role: "tool"` with the `tool_call_id` it answers)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _joined_parts(cls, content: Any) -> Any:
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f'part {i} is of type {kind!r}; only text parts ({{"type": "text", "text": ...}}) '
+                                 "are supported")
+            texts.append(part["text"])
+        return "\n".join(texts)  # parts joined by newlines, as vLLM hands them to a template that takes text
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry tool_calls; only assistant messages call tools")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id, the id of the tool call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content" + (" or tool_calls" if self.role == "assistant"
+                                                                      else ""))
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' layout): arguments as dicts, and a null
+        content as "" (Qwen's templates concatenate it; vLLM renders a null content as "" too)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [tc.model_dump() for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     # Function definitions, handed to the model's chat template as transformers does (`tools`).
     tools: list[dict[str, Any]] | None = None
+    # "auto": a reply's well-formed calls of the given tools come back as `tool_calls`; "none": the reply is
+    # text. "required" and a named function would need constrained decoding, which the engine has not.
+    tool_choice: str | dict[str, Any] | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _functions(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, t in enumerate(tools or []):
+            fn = t.get("function")
+            if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f'tool {i} must be {{"type": "function", "function": {{"name": ..., '
+                                 f'"parameters": {{...}}}}}}, got {json.dumps(t)[:200]}')
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _supported_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if choice not in (None, "auto", "none"):
+            raise ValueError(f"{json.dumps(choice)[:200]} is not supported: athanor serve cannot force a tool call "
+                             '(no constrained decoding); use "auto" or "none"')
+        return choice
+
+    def tool_names(self) -> frozenset[str]:
+        """The tools whose calls a reply may make: none when the request has no tools or tool_choice is "none"."""
+        if self.tool_choice == "none":
+            return frozenset()
+        return frozenset(t["function"]["name"] for t in self.tools or [])
 
 
 class NextTokenRequest(BaseModel):
@@ -127,6 +220,25 @@ class Formatter:
 
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                             for lp in lps]}
+
+
+def assistant_message(text: str, tool_names: Collection[str]) -> dict[str, Any]:
+    """The reply `text` as an assistant message: its well-formed `<tool_call>` blocks (athanor/tool_calls.py)
+    that call one of `tool_names` become OpenAI `tool_calls` (arguments as JSON text, as OpenAI sends them)
+    and the text around them the content (null when nothing is left). Malformed blocks and calls of tools
+    the request did not offer stay in the content, as the model wrote them."""
+    calls = [c for c in text_calls(text) if c.arguments is not None and c.name in tool_names]
+    if not calls:
+        return {"role": "assistant", "content": text}
+    rest, at = [], 0
+    for c in calls:
+        rest.append(text[at:c.start])
+        at = c.end
+    rest.append(text[at:])
+    content = "".join(rest).strip()
+    return {"role": "assistant", "content": content or None, "tool_calls": [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]}
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict], **extra: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from athanor.serve.openai_api import (
     CompletionRequest,
     Formatter,
     NextTokenRequest,
+    assistant_message,
     envelope,
     error_body,
     finish_reason,
@@ -233,14 +234,27 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest) -> JSONResponse | StreamingResponse:
+        """Chat with the model's own template. With `tools` (and tool_choice not "none"), each reply is read
+        for `<tool_call>` blocks (`assistant_message`). A stream with tools holds each reply until it ends,
+        since a block is only known to be a call once it closes: its role chunk comes first, then one chunk
+        with the content left around the calls and every call whole in `tool_calls` (with `index`, `id`,
+        `type` and the full `arguments`, the layout OpenAI's streamed deltas accumulate into), then an empty
+        delta with the finish reason, "tool_calls" when there are calls. Without tools the text streams."""
         # The model's own chat template; a reply ends at any of its stop ids (every eos it ships).
-        ids = tok.encode_chat([m.model_dump() for m in body.messages], add_generation_prompt=True, tools=body.tools)
+        ids = tok.encode_chat([m.for_template() for m in body.messages], add_generation_prompt=True,
+                              tools=body.tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
+        names = body.tool_names()
         job = _Job(engine)
         job.submit([ids], lambda j: body.sampling(context if max_tokens is None else max_tokens,
                                                   tok.stop_ids, top, None, j), body.n)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+        def reply(req: EngineRequest) -> tuple[dict[str, Any], str | None]:
+            message = assistant_message(req.text, names)
+            return message, "tool_calls" if "tool_calls" in message else finish_reason(req)
+
         if body.stream:
             async def chunks() -> AsyncIterator[dict[str, Any]]:
                 for i in range(len(job.reqs)):
@@ -248,7 +262,21 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
                         "index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}])
                 async for i, ev in job.events():
-                    if ev.text or ev.finished or ev.token_ids:
+                    if names:  # held until the reply ends (see above)
+                        if not ev.finished:
+                            continue
+                        message, reason = reply(ev.request)
+                        delta = {k: v for k, v in message.items() if k != "role" and v is not None}
+                        for k, tc in enumerate(delta.get("tool_calls", [])):
+                            tc["index"] = k
+                        lps = ev.request.output_logprobs
+                        yield envelope("chat.completion.chunk", rid, model_name, [{
+                            "index": i, "delta": delta,
+                            "logprobs": fmt.chat_logprobs(lps) if top is not None and lps else None,
+                            "finish_reason": None}])
+                        yield envelope("chat.completion.chunk", rid, model_name, [{
+                            "index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                    elif ev.text or ev.finished or ev.token_ids:
                         yield envelope("chat.completion.chunk", rid, model_name, [{
                             "index": i, "delta": {"content": ev.text} if ev.text else {},
                             "logprobs": fmt.chat_logprobs(ev.logprobs) if top is not None and ev.logprobs else None,
@@ -257,9 +285,12 @@ def create_app(engine: Engine, tok: Tokenizer, model_name: str, api_key: str | N
             return _sse(chunks(), job)
         async for _ in job.events():
             pass
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "logprobs": fmt.chat_logprobs(r.output_logprobs) if top is not None else None,
-                    "finish_reason": finish_reason(r)} for i, r in enumerate(job.reqs)]
+        choices = []
+        for i, r in enumerate(job.reqs):
+            message, reason = reply(r)
+            choices.append({"index": i, "message": message,
+                            "logprobs": fmt.chat_logprobs(r.output_logprobs) if top is not None else None,
+                            "finish_reason": reason})
         return JSONResponse(envelope("chat.completion", rid, model_name, choices, usage=usage(job.reqs, len(ids))))
 
     @app.post("/v1/next_token")
