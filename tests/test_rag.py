@@ -292,3 +292,34 @@ def test_the_benchmark_runs_both_sides_on_the_same_passages():
     # Same passages, same terms, the same BM25 family: their recalls cannot be far apart.
     recall10 = [float(row[6]) for row in rows]
     assert recall10[0] > 0.1 and abs(recall10[0] - recall10[1]) <= 0.1
+
+
+def test_eval_with_a_model_scores_three_ways(tmp_path, tokenizer_dir, capsys):
+    """`rag eval --model RUN_DIR`: no passages, the retrieved ones and the oracle, in one answer table."""
+    import torch
+    from conftest import tiny_model_config
+
+    from athanor.model.hf import save_pretrained
+    from athanor.model.llama import LlamaModel
+
+    torch.manual_seed(0)
+    run = tmp_path / "model"
+    save_pretrained(LlamaModel(tiny_model_config(max_position_embeddings=1024)), run)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (run / name).write_bytes((tokenizer_dir / name).read_bytes())
+    write_corpus(tmp_path / "docs")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question": "which platform for the Vienna train", "source": "trains.md", "gold": "platform 4",
+         "answer": "platform 4"},
+        {"question": "how hot should green tea water be", "source": "tea.md", "gold": "80 degrees",
+         "answer": "80 degrees"},
+        {"question": "which port does the queue use", "source": "ports.py", "gold": "return 5672", "answer": ""}]))
+    assert main(["rag", "eval", str(tmp_path / "idx"), "--questions", str(questions), "--paths",
+                 str(tmp_path / "docs"), "--no-dense", "--model", str(run), "-k", "2", "--max-tokens", "8",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| passages |"):]
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| no retrieval", "| bm25 top-2",
+                                                                         "| oracle passage"]
+    assert all(line.split(" | ")[1] == "2" for line in table.splitlines()[2:])  # the unanswered one left out
