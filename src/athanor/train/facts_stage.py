@@ -20,10 +20,10 @@ any arm). The arms:
 Retrieval: every fact's statement is its own passage in a `RagIndex`; the top k for each question,
 hybrid (BM25 and all-MiniLM-L6-v2, fused) when the embedding model is installed, else BM25.
 
-Training length is counted in passes, not steps: each model trains one pass over its packed rows, in
-which every fact text appears `fact_repeats` times and every reading example `reading_repeats`
-times (memorizing a value takes many passes, learning a format many examples), so (c) sees each
-example exactly as often as (a) or (b) did.
+Training length is counted in passes, not steps: each model trains one pass over its packed rows (steps
+= rows / batch size, rounded up), in which every fact text appears `fact_repeats` times and every
+reading example `reading_repeats` times (memorizing a value takes many passes, learning a format many
+examples), so (c) sees each example exactly as often as (a) or (b) did.
 
 Rates come with their counts and Wilson 95% intervals; the comparisons in the text are paired (the
 same questions for two arms) with a 95% interval over questions, and a difference is called one only
@@ -46,9 +46,9 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
 from athanor.lm.local import LocalLM
 from athanor.rag.answer import answer_questions, rag_prompt
-from athanor.rag.embed import load_embedder
+from athanor.rag.embed import Embedder, load_embedder
 from athanor.rag.evaluate import exact_match
-from athanor.rag.index import Hit, RagIndex
+from athanor.rag.index import Hit, Mode, RagIndex
 from athanor.report import markdown_table, resume_note
 from athanor.stage import Context, Section
 from athanor.stats import paired_diff_text, paired_verdict, wilson_interval
@@ -58,6 +58,9 @@ from athanor.train.loop import TrainConfig
 from athanor.train.sft import SFTDataConfig, SFTRecipe, encode_examples, pack, sft
 
 TITLE = "Facts: retrieval versus fine-tuning"
+# A paired difference's verdict (stats.paired_verdict) as a comparison of two arms.
+COMPARED = {"raised": "scores higher than", "lowered": "scores lower than",
+            "did not measurably change": "is not measurably different from", "did not change": "scores the same as"}
 PHRASINGS = ("paraphrased", "original")
 
 
@@ -102,7 +105,7 @@ def passage_source(i: int) -> str:
     return f"fact-{i:04d}"
 
 
-def build_index(facts: list[Fact], embedder: Any) -> RagIndex:
+def build_index(facts: list[Fact], embedder: Embedder | None) -> RagIndex:
     index = RagIndex(embedder)
     index.add_documents((passage_source(i), f.statement) for i, f in enumerate(facts))
     return index
@@ -112,7 +115,7 @@ def _is_gold(hit: Hit, fact: Fact) -> bool:
     return hit.chunk.text == fact.statement
 
 
-def reading_records(facts: list[Fact], index: RagIndex, k: int, mode: str, seed: int) -> tuple[list[dict], int]:
+def reading_records(facts: list[Fact], index: RagIndex, k: int, mode: Mode, seed: int) -> tuple[list[dict], int]:
     """(b)'s examples: each fact's original question with its top-k retrieved passages in shuffled order,
     answered with the value; returns them and how many facts were left out because retrieval missed
     the right passage (an example whose answer is nowhere in the passages would teach guessing)."""
@@ -197,7 +200,7 @@ def facts_experiment(recipe: FactsRecipe, show_progress: bool = True) -> dict[st
     _write_jsonl(out / "facts.jsonl", [{"id": f.id, "statement": f.statement, "question": f.question,
                                         "paraphrases": list(f.paraphrases), "answer": f.answer} for f in facts])
     embedder = None if recipe.retrieval == "bm25" else _embedder(recipe.retrieval)
-    mode = recipe.retrieval if recipe.retrieval != "auto" else "hybrid" if embedder else "bm25"
+    mode: Mode = recipe.retrieval if recipe.retrieval != "auto" else "hybrid" if embedder else "bm25"
     index, reading_index = build_index(facts, embedder), build_index(reading, embedder)
     reading_recs, missed = reading_records(reading, reading_index, recipe.k, mode, recipe.seed)
     data = out / "data"
@@ -242,7 +245,7 @@ def facts_experiment(recipe: FactsRecipe, show_progress: bool = True) -> dict[st
     return result
 
 
-def _embedder(retrieval: str) -> Any:
+def _embedder(retrieval: str) -> Embedder | None:
     """The embedding model; under "auto" its absence means BM25 alone, not an error."""
     try:
         return load_embedder()
@@ -280,23 +283,28 @@ def _per_fact_gap(result: dict[str, Any], arm: str) -> tuple[str, str]:
 
 def reading(result: dict[str, Any]) -> str:
     """What the table shows, in words from its numbers: a difference only where its interval excludes 0."""
-    rate = {a["key"]: a for a in result["arms"]}
+    arm = {a["key"]: a for a in result["arms"]}
+
+    def rates(key: str) -> str:
+        return f"{arm[key]['paraphrased']['rate']:.0%} of the paraphrases and {arm[key]['original']['rate']:.0%} " \
+               "of the original questions"
+
+    def versus(phrasing: str, after: str, before: str) -> str:
+        verdict, text = _diff(result, phrasing, after, before)
+        return f"{text}: ({after}) {COMPARED[verdict]} ({before})"
+
     gap_verdict, gap = _per_fact_gap(result, "a")
-    vs_ft, vs_ft_text = _diff(result, "paraphrased", "b", "a")
-    taught, taught_text = _diff(result, "paraphrased", "b", "0r")
-    both, both_text = _diff(result, "paraphrased", "c", "b")
-    both_ft, both_ft_text = _diff(result, "paraphrased", "c", "a")
     rec = result["recall"]
     return " ".join([
-        f"Fine-tuning on the facts (a) answers {rate['a']['original']['rate']:.0%} in the original phrasing and "
-        f"{rate['a']['paraphrased']['rate']:.0%} of the paraphrases; paraphrased minus original, paired by fact: "
-        f"{gap}, so rewording the question {gap_verdict} its accuracy.",
-        f"Retrieval with a model taught to read (b) against fine-tuning (a) on the paraphrases, paired by "
-        f"question: {vs_ft_text}, so retrieval, compared with fine-tuning, {vs_ft} paraphrase accuracy.",
-        f"The same passages given to the untaught SFT model (0r) score {rate['0r']['paraphrased']['rate']:.0%} "
-        f"of the paraphrases; teaching it the format (b) {taught} that ({taught_text}).",
-        f"Both together (c) against retrieval alone (b): {both_text} ({both}); against fine-tuning alone (a): "
-        f"{both_ft_text} ({both_ft}).",
+        f"Fine-tuning on the facts (a) answers {rates('a')}; paraphrased minus original, paired by fact: {gap}, "
+        f"so rewording the question {gap_verdict} its accuracy.",
+        f"A model taught to read, given the retrieved passages (b), answers {rates('b')}; against fine-tuning on "
+        f"the paraphrases, paired by question: {versus('paraphrased', 'b', 'a')}.",
+        f"The untaught SFT model given the same passages (0r) answers {rates('0r')}; teaching the format: "
+        f"{versus('paraphrased', 'b', '0r')}.",
+        f"Both (c) answers {rates('c')}; against retrieval alone: {versus('paraphrased', 'c', 'b')}; against "
+        f"fine-tuning alone: {versus('paraphrased', 'c', 'a')}, and on the original wording "
+        f"{versus('original', 'c', 'a')}.",
         f"The retriever ({result['retrieval']}, top {result['k']}) put the right passage in the prompt for "
         f"{_cell(rec['paraphrased'])} of the paraphrases and {_cell(rec['original'])} of the original questions: "
         "the ceiling of any arm that reads.",
