@@ -46,7 +46,7 @@ from athanor.errors import AthanorError
 from athanor.io import atomic_write_text
 from athanor.lm.local import LocalLM
 from athanor.rag.answer import answer_questions, rag_prompt
-from athanor.rag.embed import Embedder, load_embedder
+from athanor.rag.embed import Embedder, embedder_installed, load_embedder
 from athanor.rag.evaluate import exact_match
 from athanor.rag.index import Hit, Mode, RagIndex
 from athanor.report import markdown_table, resume_note
@@ -247,12 +247,7 @@ def facts_experiment(recipe: FactsRecipe, show_progress: bool = True) -> dict[st
 
 def _embedder(retrieval: str) -> Embedder | None:
     """The embedding model; under "auto" its absence means BM25 alone, not an error."""
-    try:
-        return load_embedder()
-    except AthanorError:
-        if retrieval == "auto":
-            return None
-        raise
+    return load_embedder() if retrieval != "auto" or embedder_installed() else None
 
 
 # -- the report ----------------------------------------------------------------------------------
