@@ -92,9 +92,9 @@ def test_facts_stage_end_to_end(tmp_path: Path, tokenizer_dir: Path) -> None:
     assert section.title == TITLE
     rows = [line for line in section.markdown.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| arm | model | passages in the prompt | paraphrased questions")
-    assert [r.split(" | ")[0] for r in rows[1:]] == ["| 0", "| 0r", "| a", "| b", "| c"]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| 0", "| 0r", "| a", "| b", "| c", "| c0"]
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 5 * (2 * n_facts + n_facts)
+    assert len(answers) == 6 * (2 * n_facts + n_facts)
     for arm, row in zip(result["arms"], rows[1:], strict=True):
         for phrasing, n in (("paraphrased", 2 * n_facts), ("original", n_facts)):
             right = sum(a["correct"] for a in answers if a["arm"] == arm["key"] and a["phrasing"] == phrasing)

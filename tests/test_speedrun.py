@@ -108,7 +108,7 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     # The facts stage: 2 packages' 8 facts, each arm asked 16 paraphrases and 8 original questions.
     section = report[report.index("## Facts"):report.index("## Serving")]
     facts = json.loads((out / "facts" / "result.json").read_text())
-    assert [a["paraphrased"]["n"] for a in facts["arms"]] == [16] * 5 and facts["arms"][0]["original"]["n"] == 8
+    assert [a["paraphrased"]["n"] for a in facts["arms"]] == [16] * 6 and facts["arms"][0]["original"]["n"] == 8
     assert "| a | fine-tuned on the facts | none |" in section and "paired by question" in section
 
     # The knobs reached their stages.

@@ -16,6 +16,8 @@ any arm). The arms:
   that its position tells nothing), the answer its value. It never sees an evaluated fact in training.
 - **(c) both, with retrieved passages**: one fine-tune on (a)'s and (b)'s data together, so "both"
   here includes teaching the reading format; it answers with the same retrieved passages as (b).
+- **(c0) that model without passages**: whether (c) lost the facts, or reads rather than recalls
+  when passages are there.
 
 Retrieval: every fact's statement is its own passage in a `RagIndex`; the top k for each question,
 hybrid (BM25 and all-MiniLM-L6-v2, fused) when the embedding model is installed, else BM25.
@@ -224,7 +226,8 @@ def facts_experiment(recipe: FactsRecipe, show_progress: bool = True) -> dict[st
             Arm("a", "fine-tuned on the facts", "none", trained["finetuned"]["dir"], False),
             Arm("b", "taught to read (other facts)", f"top-{recipe.k} retrieved", trained["reader"]["dir"], True),
             Arm("c", "fine-tuned on the facts + taught to read", f"top-{recipe.k} retrieved",
-                trained["both"]["dir"], True)]
+                trained["both"]["dir"], True),
+            Arm("c0", "fine-tuned on the facts + taught to read", "none", trained["both"]["dir"], False)]
     t = time.perf_counter()
     answers = {arm.key: _answer(arm, facts, questions, hits, recipe.max_new_tokens, recipe.device) for arm in arms}
     timings["eval_s"] = time.perf_counter() - t
@@ -300,6 +303,8 @@ def reading(result: dict[str, Any]) -> str:
         f"Both (c) answers {rates('c')}; against retrieval alone: {versus('paraphrased', 'c', 'b')}; against "
         f"fine-tuning alone: {versus('paraphrased', 'c', 'a')}, and on the original wording "
         f"{versus('original', 'c', 'a')}.",
+        f"The same model without passages (c0) answers {rates('c0')}; with them against without, on the original "
+        f"wording: {versus('original', 'c', 'c0')}.",
         f"The retriever ({result['retrieval']}, top {result['k']}) put the right passage in the prompt for "
         f"{_cell(rec['paraphrased'])} of the paraphrases and {_cell(rec['original'])} of the original questions: "
         "the ceiling of any arm that reads.",
