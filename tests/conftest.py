@@ -44,8 +44,9 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def tiny_base(tmp_path: Path, tokenizer_dir: Path) -> Path:
-    """A randomly initialized tiny model saved as a run directory with the test tokenizer: a base to fine-tune."""
+def tiny_base(tmp_path: Path, tokenizer_dir: Path, **config) -> Path:
+    """A randomly initialized tiny model saved as a run directory with the test tokenizer: a base to fine-tune.
+    `config`: changes to tiny_model_config (a longer context for long prompts)."""
     import torch
 
     from athanor.model.hf import save_pretrained
@@ -53,7 +54,7 @@ def tiny_base(tmp_path: Path, tokenizer_dir: Path) -> Path:
 
     torch.manual_seed(0)
     base = tmp_path / "base"
-    save_pretrained(LlamaModel(tiny_model_config()), base)
+    save_pretrained(LlamaModel(tiny_model_config(**config)), base)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (base / name).write_bytes((tokenizer_dir / name).read_bytes())
     return base

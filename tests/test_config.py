@@ -50,12 +50,13 @@ def test_recipes_in_repo_are_valid() -> None:
     """Each shipped recipe loads as the recipe of its command (named after it), the rest as pre-training's."""
     from athanor.speedrun import SpeedrunRecipe
     from athanor.train.dpo import DPORecipe
+    from athanor.train.facts_stage import FactsRecipe
     from athanor.train.grpo import GRPORecipe
     from athanor.train.ppo import PPORecipe
     from athanor.train.rm import RMRecipe
 
     commands = {"speedrun": SpeedrunRecipe, "dpo": DPORecipe, "rm": RMRecipe, "ppo": PPORecipe, "rlvr": GRPORecipe,
-                "reward-hack": GRPORecipe}
+                "reward-hack": GRPORecipe, "rag-facts": FactsRecipe}
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
     assert {f.stem for f in recipes} >= set(commands)
     for f in recipes:

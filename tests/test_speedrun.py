@@ -23,6 +23,7 @@ SMALL = ["--train.max_steps=80", "--train.eval_every=40", "--train.warmup_steps=
          "--preference.judge_pairs=4", "--preference.eval_samples=2",
          "--grpo.steps=3", "--grpo.prompts_per_step=4", "--grpo.num_generations=4", "--grpo.eval_samples=2",
          "--rag.questions=6",
+         "--facts.entities=2", "--facts.reading_entities=3", "--facts.fact_repeats=2", "--facts.reading_repeats=1",
          "--draft.steps=30", "--draft.prompts=64", "--draft.new_tokens=32", "--draft.held_out_prompts=8",
          "--serving.max_tokens=16", "--serving.speculative_prompts=2",
          "--quant.types=Q8_0,Q4_K_M,Q4_0,Q2_K", "--quant.eval_tokens=512", "--quant.imatrix_tokens=512",
@@ -62,8 +63,8 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     for heading in ["## Held-out result", "## The models this run made", "## Stages and timings", "## Loss curve",
                     "## Samples", "## Post-training: SFT", "## Post-training: preference",
-                    "## Post-training: RL on verifiable rewards", "## RAG: retrieval", "## Serving",
-                    "## Quantization", "## Settings"]:
+                    "## Post-training: RL on verifiable rewards", "## RAG: retrieval",
+                    "## Facts: retrieval versus fine-tuning", "## Serving", "## Quantization", "## Settings"]:
         assert heading in report
     result = json.loads((out / "eval.json").read_text())
     assert result["val_bpb"] < 0.9 * result["unigram_bpb"]
@@ -90,7 +91,7 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
         assert "No pairs" in section
 
     # The GRPO stage: 3 batches of 4 prompts x 4 answers, every one audited, the curves drawn.
-    section = report[report.index("## Post-training: RL on verifiable rewards"):report.index("## Serving")]
+    section = report[report.index("## Post-training: RL on verifiable rewards"):report.index("## Facts")]
     grpo = json.loads((out / "grpo" / "eval.json").read_text())
     assert grpo["steps"] == 3 and grpo["heldout"]["greedy"]["tasks"] == 40
     assert len((out / "grpo" / "rollouts.jsonl").read_text().splitlines()) == 3 * 16
@@ -99,10 +100,16 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
     assert (out / "grpo" / "rl_curves.png").stat().st_size > 10_000
 
     # The retrieval section: the 6 questions' files indexed, every retriever scored.
-    section = report[report.index("## RAG: retrieval"):report.index("## Serving")]
+    section = report[report.index("## RAG: retrieval"):report.index("## Facts")]
     assert "6 of the shipped questions" in section and (out / "rag" / "index-hybrid" / "index.npz").is_file()
     for mode in ["bm25", "dense", "hybrid"]:
         assert re.search(rf"^\| {mode} \| 6 \| ", section, re.M), mode
+
+    # The facts stage: 2 packages' 8 facts, each arm asked 16 paraphrases and 8 original questions.
+    section = report[report.index("## Facts"):report.index("## Serving")]
+    facts = json.loads((out / "facts" / "result.json").read_text())
+    assert [a["paraphrased"]["n"] for a in facts["arms"]] == [16] * 6 and facts["arms"][0]["original"]["n"] == 8
+    assert "| a | fine-tuned on the facts | none |" in section and "paired by question" in section
 
     # The knobs reached their stages.
     assert json.loads((out / "draft" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
@@ -112,20 +119,21 @@ def test_short_speedrun_report_console_and_rerun(tmp_path: Path) -> None:
 
     # The console: one line per stage as it starts, bars and evaluation lines named after their stage,
     # and the headline numbers at the end.
-    stages = ["pre-training", "samples", "SFT", "preference", "RLVR", "RAG", "serving", "quantization"]
+    stages = ["pre-training", "samples", "SFT", "preference", "RLVR", "RAG", "facts", "serving", "quantization"]
     for n, stage in enumerate(stages, start=1):
         assert re.search(rf"^\[{n}/{len(stages)}\] {stage}", r.stdout, re.M), r.stdout
     assert "pretrain step 40: val_loss" in r.stdout
     for bar in ["pretrain", "sft", "grpo", "draft teacher", "draft"]:
         assert re.search(rf"(^|\r){bar}: +\d+%", r.stderr, re.M), bar
     assert not re.search(r"(^|\r)train: ", r.stderr, re.M)  # no anonymous bar left
-    tail = r.stdout.strip().splitlines()[-6:]
+    tail = r.stdout.strip().splitlines()[-7:]
     assert tail[0].startswith(f"held-out: {result['val_bpb']:.3f} bits/byte vs {result['unigram_bpb']:.3f}")
     assert tail[1].startswith(f"SFT: answers {sft['sft']['answer_rate']:.0%}")
     assert tail[2].startswith("DPO: ")
     assert tail[3].startswith("GRPO: greedy pass@1 ") and "flagged by the audit" in tail[3]
-    assert tail[4].startswith("serving: ") and "tok/s" in tail[4]
-    assert tail[5] == f"report: {out / 'report.md'}"
+    assert tail[4].startswith("facts never seen, paraphrased questions: fine-tuned ")
+    assert tail[5].startswith("serving: ") and "tok/s" in tail[5]
+    assert tail[6] == f"report: {out / 'report.md'}"
     for row in ["tokenizer", "token shards", "pre-training", "Post-training"]:
         assert "reused" not in _timing_row(report, row)
 

@@ -309,6 +309,20 @@ def cmd_grpo(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{recipe.out_dir}`)")
 
 
+def cmd_facts(args: argparse.Namespace, overrides: list[str]) -> None:
+    from athanor.config import load_recipe
+    from athanor.train.facts_stage import FactsRecipe, facts_experiment, reading, table
+
+    recipe = load_recipe(FactsRecipe, args.recipe, ([f"--base={args.base}"] if args.base else []) + overrides)
+    if args.out:
+        recipe.out_dir = args.out
+    result = facts_experiment(recipe, show_progress=not args.quiet)
+    print(table(result))
+    print()
+    print(reading(result))
+    print(f"-> {recipe.out_dir} (every answer in {recipe.out_dir}/answers.jsonl)")
+
+
 def cmd_ppo(args: argparse.Namespace, overrides: list[str]) -> None:
     from athanor.train.ppo import PPORecipe, ppo
 
@@ -946,6 +960,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of every weight (a KL's "
                                                        "reference is then the base with the adapters off)")
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("facts", help="facts the model never saw: retrieval vs fine-tuning vs both, on paraphrases",
+                       description="Generate facts about made-up packages (port, author, release year, timeout), "
+                                   "each with its question in one phrasing and two held-out paraphrases; then, from "
+                                   "--base (a chat model, e.g. runs/speedrun/sft): (a) fine-tune on the facts, (b) "
+                                   "teach the read-from-passages format on other packages' facts and answer with "
+                                   "retrieved passages (RAG), (c) both. Prints accuracy on the paraphrases and on "
+                                   "the original phrasing with counts and 95% intervals, and what the paired "
+                                   "differences show. The design: athanor/train/facts_stage.py.\n\n"
+                                   + overrides_help("the top-level keys, lora (defaults in athanor/train/"
+                                                    "facts_stage.py)", "--entities=120 --fact_repeats=40"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    p.add_argument("--base", metavar="DIR", help="the chat model every arm starts from (default runs/speedrun/sft)")
+    p.set_defaults(func=cmd_facts)
 
     p = sub.add_parser("overopt", help="reward-model over-optimization: best-of-n by a reward model, graded by "
                                        "the verifier",

@@ -30,6 +30,7 @@ from athanor.serve.sampling import SamplingParams
 from athanor.serve.stage import ServingSettings, serving_stage
 from athanor.stage import Context, Section
 from athanor.train.draft import SpeedrunDraft
+from athanor.train.facts_stage import SpeedrunFacts
 from athanor.train.grpo_stage import SpeedrunGRPO
 from athanor.train.preference_stage import SpeedrunPreference
 from athanor.train.pretrain import PretrainRecipe, pretrain
@@ -66,6 +67,7 @@ class SpeedrunRecipe(PretrainRecipe):
     preference: SpeedrunPreference = field(default_factory=SpeedrunPreference)
     grpo: SpeedrunGRPO = field(default_factory=SpeedrunGRPO)
     rag: SpeedrunRAG = field(default_factory=SpeedrunRAG)
+    facts: SpeedrunFacts = field(default_factory=SpeedrunFacts)
     draft: SpeedrunDraft = field(default_factory=SpeedrunDraft)
     serving: ServingSettings = field(default_factory=ServingSettings)
     quant: QuantSettings = field(default_factory=QuantSettings)
@@ -119,12 +121,19 @@ def rag_stage(ctx: Context) -> Section:
     return speedrun_stage(ctx)
 
 
+def facts_stage(ctx: Context) -> Section:
+    from athanor.train.facts_stage import speedrun_stage
+
+    return speedrun_stage(ctx)
+
+
 # The order of the report: what pre-training made, post-training, then serving and quantizing the base.
 STAGES: list[tuple[str, Callable[[Context], Section]]] = [
     ("samples from the base model", samples_stage), ("SFT: fine-tune on synthetic tasks", sft_stage),
     ("preference tuning: verifier pairs, DPO, reward model, judge", preference_stage),
     ("RLVR: GRPO on execution rewards, and its audit", grpo_stage),
     ("RAG: retrieval on questions about the standard library", rag_stage),
+    ("facts: retrieval vs fine-tuning", facts_stage),
     ("serving: distill a speculative draft, measure decoding", serving_stage),
     ("quantization damage scorecard", quant_stage)]
 
@@ -180,6 +189,7 @@ def headline(ctx: Context) -> list[str]:
          f"{pref['greedy_pass']['SFT']:.1%} -> {pref['greedy_pass']['DPO']:.1%} on {pref['heldout_tasks']} held-out "
          "tasks (intervals in the report)") if pref else "DPO: no pairs (see the report)",
         _grpo_headline(ctx.results["grpo"]),
+        _facts_headline(ctx.results["facts"]),
         f"serving: {serving['decode_tok_s']:,.0f} tok/s decode at batch 1, speculative decoding "
         f"{serving['speculative_speedup']:.2f}x",
     ]
@@ -189,6 +199,12 @@ def _grpo_headline(grpo: dict[str, Any]) -> str:
     held = grpo["heldout"] or {}
     moves = ", ".join(f"{how} pass@1 {e['before']:.1%} -> {e['after']:.1%}" for how, e in held.items())
     return f"GRPO: {moves or 'no held-out tasks'}; {grpo['flagged_rate']:.1%} of its completions flagged by the audit"
+
+
+def _facts_headline(facts: dict[str, Any]) -> str:
+    rate = facts["paraphrased"]
+    return (f"facts never seen, paraphrased questions: fine-tuned {rate['a']:.0%}, retrieval {rate['b']:.0%}, both "
+            f"{rate['c']:.0%} (SFT model {rate['0']:.0%}; {facts['n']} questions, intervals in the report)")
 
 
 def _reused(flag: bool | None) -> str:
