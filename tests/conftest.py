@@ -44,6 +44,26 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def successor_model(chain: list[int], **config):
+    """A tiny model that answers each token of `chain` with the next one, whatever came before: orthonormal
+    embeddings for the chain, layers that add nothing to the residual stream, and an lm_head row per
+    successor. Steers generation in tests without training."""
+    import torch
+
+    from athanor.model.llama import LlamaModel
+
+    model = LlamaModel(tiny_model_config(tie_word_embeddings=False, **config)).eval()
+    basis = torch.linalg.qr(torch.randn(model.config.hidden_size, len(chain)))[0].T
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[chain] = basis
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[chain[1:]] = basis[:-1]
+    return model
+
+
 def tiny_base(tmp_path: Path, tokenizer_dir: Path, **config) -> Path:
     """A randomly initialized tiny model saved as a run directory with the test tokenizer: a base to fine-tune.
     `config`: changes to tiny_model_config (a longer context for long prompts)."""

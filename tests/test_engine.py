@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import successor_model, tiny_model_config
 from serve_helpers import naive_greedy, one_thread  # noqa: F401 (autouse fixture)
 
 from athanor.errors import AthanorError
@@ -181,17 +181,7 @@ def test_byte_fallback_runs_stream_the_final_text(tmp_path) -> None:
     byte = [tok.hf.token_to_id(f"<0x{b:02X}>") for b in (0x75, 0xE2, 0x28)]
     first, last = tok.encode("yes")[0], tok.encode(" mat")[-1]
     chain = [tok.encode("the")[0], first, *byte, last]
-    # A model that answers each chain token with the next one: orthonormal embeddings, layers that add
-    # nothing to the residual stream, and an lm_head row per successor.
-    model = LlamaModel(tiny_model_config(vocab_size=tok.vocab_size, tie_word_embeddings=False)).eval()
-    basis = torch.linalg.qr(torch.randn(64, len(chain)))[0].T
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[chain] = basis
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[chain[1:]] = basis[:-1]
+    model = successor_model(chain, vocab_size=tok.vocab_size)
     events = []
     engine = Engine(model, decode=tok.decode, hold_ids=tok.stream_hold_ids)
     req = engine.submit(chain[:1], SamplingParams(max_tokens=len(chain) - 1, temperature=0), on_event=events.append)

@@ -36,3 +36,21 @@ def test_atomic_writes_honour_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o666 & ~umask
+
+
+def test_jsonl_objects_name_the_file_and_line(tmp_path):
+    from athanor.errors import AthanorError
+    from athanor.io import jsonl_objects
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert list(jsonl_objects(good, "test file")) == [(1, {"a": 1}), (3, {"a": 2})]
+    for text, message in [('{"a": 1}\n[1, 2]\n', "bad.jsonl:2: a record must be a JSON object, got list"),
+                          ('{"a": 1}\n{"a": \n', "bad.jsonl:2: malformed JSON"),
+                          (b'{"a": 1}\n\xff\n', "bad.jsonl:2: the test file is not UTF-8 text")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(AthanorError, match=message):
+            list(jsonl_objects(bad, "test file"))
+    with pytest.raises(AthanorError, match="missing.jsonl: cannot read the test file"):
+        list(jsonl_objects(tmp_path / "missing.jsonl", "test file"))

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import tiny_model_config  # noqa: E402
+from conftest import successor_model  # noqa: E402
 from serve_helpers import running_server  # noqa: E402
 from shipped_tokenizers import build  # noqa: E402
 from tokenizers import AddedToken  # noqa: E402
@@ -29,7 +29,6 @@ from athanor.agent.tools import Tool  # noqa: E402
 from athanor.io import read_records  # noqa: E402
 from athanor.lm.endpoint import EndpointLM  # noqa: E402
 from athanor.model.hf import save_pretrained  # noqa: E402
-from athanor.model.llama import LlamaModel  # noqa: E402
 from athanor.tokenizer import Tokenizer  # noqa: E402
 
 ADD = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
@@ -62,17 +61,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     chain = [prompt_end, *(tok.hf.token_to_id(p) for p in REPLY), tok.hf.token_to_id("<|im_end|>")]
     assert len(set(chain)) == len(chain) and tok.hf.token_to_id("<|im_end|>") in tok.stop_ids
     torch.manual_seed(0)
-    model = LlamaModel(tiny_model_config(vocab_size=tok.vocab_size, tie_word_embeddings=False,
-                                         max_position_embeddings=1024)).eval()
-    basis = torch.linalg.qr(torch.randn(64, len(chain)))[0].T
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[chain] = basis
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[chain[1:]] = basis[:-1]
-    save_pretrained(model, out)
+    save_pretrained(successor_model(chain, vocab_size=tok.vocab_size, max_position_embeddings=1024), out)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +80,33 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def jsonl_objects(path: str | Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL input file, read as it is iterated; an
+    unreadable file, a line that is not JSON and one that is not an object are errors naming the file and
+    line (`what` names the file in the first)."""
+    path = Path(path)
+    try:
+        f = path.open("rb")  # lines decoded one by one, so a bad byte is reported at its own line
+    except OSError as e:
+        raise AthanorError(f"cannot read the {what} ({e.strerror})", path=path) from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise AthanorError(f"the {what} is not UTF-8 text ({e.reason})", path=path, line=n) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AthanorError(f"malformed JSON ({e.msg})", path=path, line=n) from None
+            if not isinstance(record, dict):
+                raise AthanorError(f"a record must be a JSON object, got {type(record).__name__}", path=path,
+                                   line=n)
+            yield n, record
 
 
 def read_records(path: str | Path, what: str) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.errors import AthanorError
+from athanor.io import jsonl_objects
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ""}
 TEST_DIRS = {"test", "tests", "idle_test", "idlelib_test"}
@@ -85,21 +85,14 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AthanorError(f"malformed JSON: {e.msg}", path=path, line=lineno) from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise AthanorError("missing", path=path, line=lineno, field=text_field)
-            text = row[text_field]
-            if not isinstance(text, str):
-                raise AthanorError(f"must be a string, got {type(text).__name__}", path=path, line=lineno,
-                                   field=text_field)
-            yield Document(f"{path}:{lineno}", text)
+    for lineno, row in jsonl_objects(path, "JSONL corpus"):
+        if text_field not in row:
+            raise AthanorError("missing", path=path, line=lineno, field=text_field)
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise AthanorError(f"must be a string, got {type(text).__name__}", path=path, line=lineno,
+                               field=text_field)
+        yield Document(f"{path}:{lineno}", text)
 
 
 def open_parquet(path: Path) -> Any:

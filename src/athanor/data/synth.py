@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from athanor.errors import AthanorError
-from athanor.io import atomic_write_text
+from athanor.io import atomic_write_text, jsonl_objects
 
 KINDS = ("arithmetic", "string", "list", "python")
 NEAR_DUP_JACCARD = 0.8
@@ -291,20 +291,13 @@ def write_tasks(tasks: list[Task], path: str | Path) -> None:
 
 def read_tasks(path: str | Path) -> list[Task]:
     """The tasks of a file `write_tasks` (or `athanor synth tasks`) wrote."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AthanorError(f"cannot read the task file ({e.strerror if isinstance(e, OSError) else e})",
-                           path=path) from None
     tasks = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                tasks.append(Task(rec["id"], rec["kind"], rec["prompt"], rec["completion"], rec["key"],
-                                  rec.get("tests", "")))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise AthanorError(f"not a task record ({e})", path=path, line=n) from None
+    for n, rec in jsonl_objects(path, "task file"):
+        try:
+            tasks.append(Task(rec["id"], rec["kind"], rec["prompt"], rec["completion"], rec["key"],
+                              rec.get("tests", "")))
+        except KeyError as e:
+            raise AthanorError(f"not a task record (no {e})", path=path, line=n) from None
     return tasks
 
 

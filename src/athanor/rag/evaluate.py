@@ -14,7 +14,6 @@ the Python standard library, the project's embedded corpus, which is present off
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import sysconfig
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.errors import AthanorError
+from athanor.io import jsonl_objects
 from athanor.lm import LM
 from athanor.rag.answer import answer_questions
 from athanor.rag.chunking import Chunk
@@ -44,21 +44,8 @@ class Question:
 
 
 def read_questions(path: str | Path) -> list[Question]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise AthanorError(f"cannot read the question file ({e})", path=path) from None
     questions = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AthanorError(f"not JSON ({e.msg})", path=path, line=n) from None
-        if not isinstance(record, dict):
-            raise AthanorError("each line must be a JSON object", path=path, line=n)
+    for n, record in jsonl_objects(path, "question file"):
         for key in ("question", "source", "gold"):
             if not isinstance(record.get(key), str) or not record[key]:
                 raise AthanorError("missing or not a non-empty string", path=path, line=n, field=key)

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import json
 import re
 import warnings
 from collections import Counter
@@ -79,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from athanor.errors import AthanorError
+from athanor.io import jsonl_objects
 
 RULES = ("early_exit", "special_casing", "literal_return", "test_file_access", "monkeypatch", "conftest_drop")
 LOG_NAME = "rollouts.jsonl"
@@ -465,19 +465,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) of every rollout, checked against the format in the module docstring."""
     types = {"task_id": str, "prompt": str, "completion": str, "visible_tests": str, "canary": bool,
              "visible_passed": bool, "hidden_passed": bool, "rollout": int}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise AthanorError(f"cannot read the rollout log ({e})", path=path) from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AthanorError(f"malformed JSON ({e.msg})", path=path, line=n) from None
-        if not isinstance(rec, dict):
-            raise AthanorError("a rollout record must be a JSON object", path=path, line=n)
+    for n, rec in jsonl_objects(path, "rollout log"):
         for key in ("task_id", "prompt", "completion"):
             if key not in rec:
                 raise AthanorError("missing (a rollout needs task_id, prompt and completion)", path=path, line=n,
