@@ -518,6 +518,9 @@ def cmd_rag_index(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from athanor.rag.index import open_index
 
+    for path in args.paths:  # before seconds of loading the embedding model
+        if not Path(path).exists():
+            raise AthanorError("no such file or directory", path=path)
     t0 = time.perf_counter()
     index = open_index(args.index, dense=not args.no_dense, max_tokens=args.chunk_tokens, overlap=args.overlap)
     report = index.update_paths(args.paths, show_progress=not args.quiet)
